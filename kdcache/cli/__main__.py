@@ -1,0 +1,3 @@
+from kdcache.cli.app import main
+
+main()
