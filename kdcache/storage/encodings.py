@@ -1,0 +1,176 @@
+"""How a slab's float32 logits become the arrays stored on disk, and back.
+
+Each encoding turns logits float32 [N, C] into named numpy arrays (always a `logits`
+array, plus per-encoding side arrays) and decodes them back to float32. The name of
+the encoding is part of a store's identity, so it is canonical (`topk` -> `topk:10`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from kdcache.errors import KdcacheError
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class Encoding:
+    """Base class: `encode`, `decode` and the exact uncompressed size of one row."""
+
+    name: str
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, arrays: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def bytes_per_row(self, num_classes: int) -> int:
+        raise NotImplementedError
+
+
+class Float16Encoding(Encoding):
+    """Dense float16: error at most half a float16 ulp (relative 2**-11)."""
+
+    name = "float16"
+
+    def encode(self, logits):
+        peak = float(np.abs(logits).max(initial=0.0))
+        if peak > _FLOAT16_MAX:
+            raise KdcacheError(
+                f"logit magnitude {peak:.3g} exceeds the float16 range; use --encoding int8"
+            )
+        return {"logits": logits.astype(np.float16)}
+
+    def decode(self, arrays, num_classes):
+        return arrays["logits"].astype(np.float32)
+
+    def bytes_per_row(self, num_classes):
+        return 2 * num_classes
+
+
+class Int8Encoding(Encoding):
+    """Per-row affine 8-bit codes: x ~ offset + scale * code, code in 0..255.
+
+    offset is the row minimum and scale = (row max - row min) / 255, so the error is at
+    most scale / 2 (plus float32 rounding) whatever the row's range.
+    """
+
+    name = "int8"
+
+    def encode(self, logits):
+        low = logits.min(axis=1)
+        scale = ((logits.max(axis=1) - low) / 255.0).astype(np.float32)
+        step = np.where(scale > 0, scale, 1.0)[:, None]
+        codes = np.rint((logits - low[:, None]) / step).clip(0, 255).astype(np.uint8)
+        return {"logits": codes, "scale": scale, "offset": low.astype(np.float32)}
+
+    def decode(self, arrays, num_classes):
+        codes = arrays["logits"].astype(np.float32)
+        return arrays["offset"][:, None] + arrays["scale"][:, None] * codes
+
+    def bytes_per_row(self, num_classes):
+        return num_classes + 4 + 4
+
+
+class TopKEncoding(Encoding):
+    """The k largest logits exactly (float32) with their class indices; the rest of the
+    row is filled with one constant `tail` = logsumexp(other logits) - log(C - k).
+
+    That constant keeps the total softmax mass of the other classes at T=1, so the
+    decoded softmax at T=1 equals the original on the top-k classes; at other
+    temperatures the tail mass is approximate. The tail never exceeds the k-th logit.
+    """
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise KdcacheError(f"topk needs k >= 1, got {k}; use e.g. --encoding topk:10")
+        self.k = k
+        self.name = f"topk:{k}"
+
+    def _index_dtype(self, num_classes):
+        return np.uint16 if num_classes <= 2**16 else np.int32
+
+    def encode(self, logits):
+        num_classes = logits.shape[1]
+        if self.k >= num_classes:
+            raise KdcacheError(
+                f"encoding {self.name} needs k < num_classes ({num_classes}); pick a smaller k"
+            )
+        top = np.argpartition(-logits, self.k - 1, axis=1)[:, : self.k]
+        values = np.take_along_axis(logits, top, axis=1)
+        rest = logits.astype(np.float64)
+        np.put_along_axis(rest, top, -np.inf, axis=1)
+        peak = rest.max(axis=1, keepdims=True)
+        log_mass = peak[:, 0] + np.log(np.exp(rest - peak).sum(axis=1))
+        tail = (log_mass - math.log(num_classes - self.k)).astype(np.float32)
+        return {
+            "logits": values.astype(np.float32),
+            "indices": top.astype(self._index_dtype(num_classes)),
+            "tail": tail,
+        }
+
+    def decode(self, arrays, num_classes):
+        tail = arrays["tail"]
+        out = np.repeat(tail[:, None], num_classes, axis=1)
+        np.put_along_axis(out, arrays["indices"].astype(np.int64), arrays["logits"], axis=1)
+        return out
+
+    def bytes_per_row(self, num_classes):
+        index_bytes = np.dtype(self._index_dtype(num_classes)).itemsize
+        return self.k * (4 + index_bytes) + 4
+
+
+DEFAULT_TOPK = 10
+
+
+def get_encoding(name: str) -> Encoding:
+    """Encoding by name: `float16`, `int8`, `topk` (k=10) or `topk:K`."""
+    if name == "float16":
+        return Float16Encoding()
+    if name == "int8":
+        return Int8Encoding()
+    if name == "topk":
+        return TopKEncoding(DEFAULT_TOPK)
+    if name.startswith("topk:") and name[5:].isdigit():
+        return TopKEncoding(int(name[5:]))
+    raise KdcacheError(f"unknown encoding {name!r}; choose one of {', '.join(list_encodings())}")
+
+
+def list_encodings() -> list[str]:
+    return ["float16", "int8", "topk", "topk:K"]
+
+
+def logit_errors(reference: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
+    """How far decoded logits are from the reference, in the terms distillation cares
+    about: max absolute logit error and mean KL(softmax(ref/T) || softmax(dec/T))."""
+    reference = torch.as_tensor(reference).to(torch.float64)
+    decoded = torch.as_tensor(decoded).to(torch.float64)
+    if reference.shape != decoded.shape:
+        raise KdcacheError(
+            f"reference logits have shape {tuple(reference.shape)}, "
+            f"the slab has {tuple(decoded.shape)}; pass the logits of the same slab"
+        )
+    result = {"max_abs_error": float((reference - decoded).abs().max())}
+    for temperature in (1, 4):
+        log_p = torch.log_softmax(reference / temperature, dim=1)
+        log_q = torch.log_softmax(decoded / temperature, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        result[f"mean_kl_t{temperature}"] = float(kl.mean())
+    return result
+
+
+def measure_encoding(logits: torch.Tensor, encoding: str) -> dict[str, float]:
+    """Encode and decode float32 logits with `encoding`; report the errors and size."""
+    enc = get_encoding(encoding)
+    source = torch.as_tensor(logits).detach().to("cpu", torch.float32).numpy()
+    decoded = enc.decode(enc.encode(source), source.shape[1])
+    return {
+        "encoding": enc.name,
+        "bytes_per_row": enc.bytes_per_row(source.shape[1]),
+        **logit_errors(torch.from_numpy(source), torch.from_numpy(decoded)),
+    }

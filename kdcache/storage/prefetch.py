@@ -1,0 +1,79 @@
+"""Load the next slab on a background thread while training uses the current one."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from kdcache.storage.store import LogitStore
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+class SlabPrefetcher:
+    """Iterate `(key, slab)` over `keys` in order, reading up to `depth` slabs ahead.
+
+    At most depth + 2 slabs are in memory: the consumer's, `depth` queued, one loading.
+    A loading error is raised in the consumer at the slab where it happened. Leaving the
+    loop early (break, exception) or calling `close()` stops the thread.
+    """
+
+    def __init__(self, store: LogitStore, keys: list[tuple[int, str]], depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._store = store
+        self._keys = list(keys)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._load_all, name="kdcache-slab-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        """Queue an item unless asked to stop; False once stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _load_all(self):
+        for key in self._keys:
+            try:
+                item = (key, self._store.slab(*key))
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                self._put(_Failure(error))
+                return
+            if not self._put(item):
+                return
+        self._put(_DONE)
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            self.close()
+
+    def close(self):
+        """Stop the loader thread and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
