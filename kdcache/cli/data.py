@@ -1,0 +1,46 @@
+"""`kdcache data ...`: prepare datasets into FFCV betons and show their metadata."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kdcache.data import DatasetMeta, list_sources, prepare_dataset
+
+data_app = typer.Typer(help="Prepare datasets (FFCV .beton + meta.json) and inspect them.", no_args_is_help=True)
+
+
+@data_app.command("prepare")
+def prepare(
+    source: str = typer.Argument(..., help=f"Dataset source: {', '.join(list_sources())}."),
+    out: Path = typer.Option(..., "--out", help="Output directory (train.beton, test.beton, meta.json)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Source files: a directory, or the .npz file for npz."),
+    size: Optional[int] = typer.Option(None, "--size", help="Square size: smaller images are zero-padded (centred), larger ones resized + centre-cropped."),
+    jpeg: bool = typer.Option(False, "--jpeg", help="Store images JPEG-encoded (for large images) instead of raw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Write a dataset as FFCV betons with fields image, label, index.
+
+    Example: kdcache data prepare fashion-mnist --out data/fmnist --size 32
+    """
+    start = time.perf_counter()
+    meta = prepare_dataset(source, out, root=root, size=size, jpeg=jpeg, overwrite=overwrite)
+    typer.echo(
+        f"{meta.name}: train {meta.counts['train']}, test {meta.counts['test']}, "
+        f"image {'x'.join(map(str, meta.image_shape))} {meta.image_encoding}, {meta.num_classes} classes, "
+        f"fingerprint {meta.fingerprint[:12]}, {time.perf_counter() - start:.1f} s -> {out}"
+    )
+
+
+@data_app.command("info")
+def info(directory: Path = typer.Argument(..., help="A directory written by `kdcache data prepare`.")) -> None:
+    """Print a prepared dataset's meta.json.
+
+    Example: kdcache data info data/fmnist
+    """
+    meta = DatasetMeta.load(directory)
+    typer.echo(json.dumps(meta.__dict__, indent=2))

@@ -1,0 +1,109 @@
+"""The .beton files kdcache writes (fields image, label, index) and a numpy reader for them.
+
+Writing goes through ffcv's DatasetWriter. Reading raw-image betons needs no ffcv: the
+layout below mirrors ffcv 1.0.2's `ffcv/types.py` and `ffcv/reader.py` (format version 2),
+so machines without ffcv (the GPU machine) can still load a split into memory:
+
+    header      version u2, num_fields u2, page_size u4, num_samples u8, alloc_table_ptr u8
+    fields      num_fields x (type_id u1, name u1[16], arguments u1[1024])
+    metadata    num_samples x aligned struct of each field's metadata, in field order;
+                RGBImageField: (mode u1, width u2, height u2, data_ptr u8) packed,
+                IntField: i8
+    data pages  raw images: H*W*3 bytes, HWC RGB, at data_ptr
+    alloc table (sample_id u8, ptr u8, size u8) per allocation, at alloc_table_ptr
+
+JPEG-encoded betons are decoded with ffcv itself (see `kdcache.data.loaders`), so the
+pixels never depend on which JPEG decoder a machine happens to have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.errors import KdcacheError
+
+FIELDS = ("image", "label", "index")
+FORMAT_VERSION = 2
+TYPE_RGB_IMAGE, TYPE_INT = 2, 1
+MODE_JPEG, MODE_RAW = 0, 1
+
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+SAMPLE_META = np.dtype([("", IMAGE_META), ("", "<i8"), ("", "<i8")], align=True)
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, *, jpeg: bool, num_workers: int) -> None:
+    """Writes images [N,H,W,3] uint8 with labels and their index (0..N-1) to `path`."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=90),
+              "label": IntField(), "index": IntField()}
+    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
+    writer.from_indexed_dataset(_Samples(images, labels), chunksize=1000)
+
+
+class _Samples:
+    """Indexable (image, label, index) view of the arrays, read by ffcv's forked writer workers."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i]), int(i)
+
+
+class BetonFile:
+    """Parsed header and per-sample metadata of one kdcache .beton."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KdcacheError(f"missing {self.path}; run `kdcache data prepare` first")
+        self.size = self.path.stat().st_size
+        try:
+            header = np.fromfile(self.path, dtype=HEADER, count=1)[0]
+            fields = np.fromfile(self.path, dtype=FIELD_DESC, count=int(header["num_fields"]), offset=HEADER.itemsize)
+        except (ValueError, IndexError):
+            self._corrupt("header")
+        names = tuple(bytes(f["name"]).rstrip(b"\0").decode("ascii", "replace") for f in fields)
+        if header["version"] != FORMAT_VERSION or names != FIELDS or \
+                list(fields["type_id"]) != [TYPE_RGB_IMAGE, TYPE_INT, TYPE_INT]:
+            raise KdcacheError(f"{self.path} is not a kdcache beton (fields {names}); re-run `kdcache data prepare`")
+        self.num_samples = int(header["num_samples"])
+        offset = HEADER.itemsize + fields.nbytes
+        if offset + self.num_samples * SAMPLE_META.itemsize > self.size:
+            self._corrupt("metadata")
+        meta = np.fromfile(self.path, dtype=SAMPLE_META, count=self.num_samples, offset=offset)
+        self.image_meta = meta["f0"]
+        self.labels = meta["f1"].astype(np.int64)
+        self.indices = meta["f2"].astype(np.int64)
+        if self.num_samples == 0 or len(np.unique(self.image_meta[["width", "height"]])) != 1:
+            self._corrupt("image sizes")
+        self.height, self.width = int(self.image_meta["height"][0]), int(self.image_meta["width"][0])
+        self.is_raw = bool(np.all(self.image_meta["mode"] == MODE_RAW))
+
+    def _corrupt(self, part: str):
+        raise KdcacheError(f"{self.path} is truncated or corrupt ({part}); re-run `kdcache data prepare --overwrite`")
+
+    def read_raw_images(self, chunk: int = 2048) -> np.ndarray:
+        """All images [N,3,H,W] uint8 in sample order, gathered from their data pointers."""
+        nbytes = self.height * self.width * 3
+        ptrs = self.image_meta["data_ptr"].astype(np.int64)
+        if ptrs.max() + nbytes > self.size:
+            self._corrupt("image data")
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        out = np.empty((self.num_samples, nbytes), dtype=np.uint8)
+        step = np.arange(nbytes, dtype=np.int64)
+        for start in range(0, self.num_samples, chunk):
+            p = ptrs[start:start + chunk]
+            out[start:start + len(p)] = data[p[:, None] + step[None, :]]
+        hwc = out.reshape(self.num_samples, self.height, self.width, 3)
+        return np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))

@@ -1,0 +1,171 @@
+"""Batches of (uint8 images [B,3,H,W], int64 labels [B], int64 indices [B]) from a prepared dir.
+
+Order: `epoch_order` is the only source of sample order. It is a numpy permutation seeded
+by (seed, epoch) (`np.random.default_rng([seed, epoch])`), or 0..N-1 without shuffling,
+then sharded like torch's DistributedSampler (drop_last=False): padded by repeating its
+head to a multiple of world_size, and rank r takes order[r::world_size].
+
+Both backends consume that exact order:
+- "memory": the whole split as one uint8 tensor on `device`; a batch is index_select.
+- "ffcv": one ffcv Loader per make_loader call, built with OrderOption.SEQUENTIAL and
+  `indices=` the first epoch's order. In ffcv 1.0.2, Sequential.sample_order returns its
+  `indices` unchanged, so each epoch we set the traversal order's `indices` to that
+  epoch's order (same length, so ffcv's __len__ stays right) and reuse the compiled Loader.
+  The index field read back from the file is checked against the requested order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.data.beton import BetonFile
+from kdcache.errors import KdcacheError
+
+BACKENDS = ("auto", "memory", "ffcv")
+MEMORY_FRACTION = 0.25  # "auto" uses memory when the split takes at most this share of RAM / GPU memory
+FFCV_THREADS = min(2, os.cpu_count() or 1)
+
+
+def _beton(data_dir: str | Path, split: str) -> Path:
+    if split not in ("train", "test"):
+        raise KdcacheError(f"unknown split {split!r}; use 'train' or 'test'")
+    return Path(data_dir) / f"{split}.beton"
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The sample indices (int64) rank `rank` visits in epoch `epoch`; see the module docstring."""
+    if not 0 <= rank < world_size:
+        raise KdcacheError(f"rank must lie in 0..world_size-1, got rank={rank} world_size={world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = -(-n // world_size)
+    order = np.resize(order, per_rank * world_size)  # repeats the head to pad, like DistributedSampler
+    return order[rank::world_size].astype(np.int64)
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split in index order: (uint8 [N,3,H,W], int64 [N]). Raw betons are parsed
+    with numpy (no ffcv needed); JPEG betons are decoded by ffcv."""
+    beton = BetonFile(_beton(data_dir, split))
+    if not np.array_equal(beton.indices, np.arange(beton.num_samples)):
+        raise KdcacheError(f"{beton.path}: index field is not 0..N-1; re-run `kdcache data prepare --overwrite`")
+    if beton.is_raw:
+        return torch.from_numpy(beton.read_raw_images()), torch.from_numpy(beton.labels)
+    loader = FfcvLoader(beton, 1024, shuffle=False, seed=0, device="cpu", drop_last=False, rank=0, world_size=1)
+    images, labels, _ = (torch.cat(parts) for parts in zip(*loader))
+    return images, labels
+
+
+def make_loader(data_dir: str | Path, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+                backend: str = "auto", device: str | torch.device = "cpu", drop_last: bool = False,
+                rank: int = 0, world_size: int = 1) -> "MemoryLoader | FfcvLoader":
+    """A re-iterable loader; call `set_epoch(e)` before each epoch to get that epoch's order."""
+    if backend not in BACKENDS:
+        raise KdcacheError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if batch_size < 1:
+        raise KdcacheError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    beton = BetonFile(_beton(data_dir, split))
+    if backend == "auto":
+        backend = "memory" if _fits_in_memory(beton, device) or not _has_ffcv() else "ffcv"
+    args = dict(shuffle=shuffle, seed=seed, device=device, drop_last=drop_last, rank=rank, world_size=world_size)
+    if backend == "memory":
+        return MemoryLoader(*load_split(data_dir, split), batch_size, **args)
+    if not _has_ffcv():
+        raise KdcacheError("the ffcv backend needs the ffcv package; install it or use backend='memory'")
+    return FfcvLoader(beton, batch_size, **args)
+
+
+def _has_ffcv() -> bool:
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fits_in_memory(beton: BetonFile, device: torch.device) -> bool:
+    nbytes = beton.num_samples * 3 * beton.height * beton.width
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return nbytes <= MEMORY_FRACTION * capacity
+
+
+class _Batches:
+    """What both backends share: the epoch, the order and the batch count."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int, device: torch.device,
+                 drop_last: bool, rank: int, world_size: int):
+        self.num_samples, self.batch_size, self.device, self.drop_last = num_samples, batch_size, device, drop_last
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epoch = 0
+        self.order()  # validates rank/world_size early
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        """This epoch's sample indices for this rank, cut to whole batches when drop_last."""
+        order = epoch_order(self.num_samples, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                            rank=self.rank, world_size=self.world_size)
+        return order[:len(self) * self.batch_size] if self.drop_last else order
+
+    def __len__(self) -> int:
+        per_rank = -(-self.num_samples // self.world_size)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+
+class MemoryLoader(_Batches):
+    """The split lives on `device` as one tensor; batches are gathered with index_select."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, **kw):
+        super().__init__(len(labels), batch_size, **kw)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+
+    def __iter__(self):
+        order = torch.from_numpy(self.order()).to(self.device)
+        for idx in order.split(self.batch_size):
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx), idx
+
+
+class FfcvLoader(_Batches):
+    """Reads the beton with one ffcv Loader, reused across epochs (building one costs ~1.5 s)."""
+
+    def __init__(self, beton: BetonFile, batch_size: int, **kw):
+        super().__init__(beton.num_samples, batch_size, **kw)
+        self.path = beton.path
+        self._loader = None
+
+    def _ffcv_loader(self, order: np.ndarray):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToTensor
+
+        if self._loader is None:
+            self._loader = Loader(
+                str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS, order=OrderOption.SEQUENTIAL,
+                indices=order, drop_last=False, os_cache=True,
+                pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                           "index": [IntDecoder(), ToTensor()]})
+        self._loader.traversal_order.indices = order
+        return self._loader
+
+    def __iter__(self):
+        order = self.order()
+        expected = torch.from_numpy(order)
+        start = 0
+        for images, labels, indices in self._ffcv_loader(order):
+            # ffcv reuses its output buffers: every tensor yielded is a clone.
+            indices = indices.reshape(-1).clone()
+            if not torch.equal(indices, expected[start:start + len(indices)]):
+                raise RuntimeError("ffcv returned samples out of the requested order")
+            start += len(indices)
+            yield (images.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format).to(self.device), labels.reshape(-1).clone().to(self.device),
+                   indices.to(self.device))
