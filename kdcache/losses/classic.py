@@ -41,7 +41,8 @@ class DKD(DistillLoss):
 
     As in mdistiller: both terms use `T^2`, the NCKD distributions push the target
     logit down by 1000 (after dividing by T), and the KD terms ramp in linearly over
-    `warmup` epochs, `min(epoch / warmup, 1)`.
+    `warmup` epochs, `min(epoch / warmup, 1)`. mdistiller counts epochs from 1, so
+    pass 1-based epochs to reproduce its ramp.
     """
 
     name = "dkd"
