@@ -1,0 +1,333 @@
+"""The logit store: encodings, resume/identity rules, markers under concurrency, prefetch."""
+
+import json
+import multiprocessing
+import queue
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdcache.errors import KdcacheError
+from kdcache.storage import (
+    STORE_FORMAT_VERSION,
+    LogitStore,
+    SlabPrefetcher,
+    get_encoding,
+    measure_encoding,
+    slab_path,
+)
+
+IDENTITY = {
+    "teacher": "resnet32x4",
+    "checkpoint_sha256": "ab" * 32,
+    "dataset_fingerprint": "cd" * 32,
+    "policies": {"weak": {"name": "crop_flip", "params": {"pad": 4}}},
+    "store_seed": 7,
+}
+VIEWS = ["weak", "strong"]
+
+
+def make_logits(round, view, n, c):
+    """Deterministic teacher-like logits and seeds for one slab (seeds span all 64 bits)."""
+    g = torch.Generator().manual_seed(1000 * round + VIEWS.index(view))
+    logits = torch.randn(n, c, generator=g) * torch.rand(n, 1, generator=g) * 8
+    seeds = torch.randint(-(2**63), 2**63 - 1, (n,), generator=g)
+    return logits, seeds
+
+
+def create(path, **overrides):
+    kwargs = dict(identity=IDENTITY, num_samples=64, num_classes=10, rounds=3, views=VIEWS)
+    kwargs.update(overrides)
+    return LogitStore.create(path, **kwargs)
+
+
+def write(store, round, view):
+    logits, seeds = make_logits(round, view, store.num_samples, store.num_classes)
+    store.write_slab(round, view, logits, seeds, {"teacher_acc": 0.5 + round / 100})
+    return logits, seeds
+
+
+# ---- encodings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8", "topk:3"])
+def test_round_trip(tmp_path, encoding):
+    store = create(tmp_path / "s", encoding=encoding)
+    logits, seeds = write(store, 1, "strong")
+    store = LogitStore.open(tmp_path / "s")
+    decoded = store.slab(1, "strong")
+    assert decoded.dtype == torch.float32 and decoded.shape == (64, 10)
+    assert torch.equal(store.seeds(1, "strong"), seeds)
+    assert store.slab_stats(1, "strong") == {"teacher_acc": 0.51}
+    if encoding == "float16":
+        assert torch.equal(decoded, logits.half().float())
+    elif encoding == "int8":
+        half_step = (logits.max(1).values - logits.min(1).values) / 255 / 2
+        assert ((decoded - logits).abs() <= half_step[:, None] * (1 + 1e-5) + 1e-6).all()
+    else:
+        top = logits.topk(3, dim=1).indices
+        assert torch.equal(decoded.gather(1, top), logits.gather(1, top))
+        # The tail constant keeps the softmax at T=1 on the top-k classes.
+        p, q = logits.softmax(1).gather(1, top), decoded.softmax(1).gather(1, top)
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_int8_handles_constant_rows():
+    enc = get_encoding("int8")
+    logits = np.full((2, 5), 3.25, dtype=np.float32)
+    assert np.array_equal(enc.decode(enc.encode(logits), 5), logits)
+
+
+@pytest.mark.parametrize(
+    "encoding, expected", [("float16", 2 * 100 + 8), ("int8", 100 + 8 + 8), ("topk", 10 * 6 + 4 + 8)]
+)
+def test_bytes_per_view_sample_is_exact(tmp_path, encoding, expected):
+    store = create(tmp_path / "s", num_classes=100, encoding=encoding)
+    encoded = get_encoding(encoding).encode(make_logits(0, "weak", 64, 100)[0].numpy())
+    per_row = sum(a.nbytes for a in encoded.values()) // 64 + 8
+    assert store.info()["bytes_per_view_sample"] == per_row == expected
+
+
+def test_unknown_encoding_and_float16_overflow(tmp_path):
+    with pytest.raises(KdcacheError, match="unknown encoding 'bf8'"):
+        create(tmp_path / "s", encoding="bf8")
+    store = create(tmp_path / "s")
+    huge = torch.full((64, 10), 1e6)
+    with pytest.raises(KdcacheError, match="float16 range; use --encoding int8"):
+        store.write_slab(0, "weak", huge, torch.zeros(64, dtype=torch.int64), {})
+    assert not store.is_complete(0, "weak")
+
+
+def test_errors_and_measure_encoding(tmp_path):
+    store = create(tmp_path / "s")
+    logits, _ = write(store, 0, "weak")
+    errors = store.reconstruction_error(0, "weak", logits)
+    assert errors["max_abs_error"] == float((logits - logits.half().float()).abs().max()) > 0
+    assert 0 < errors["mean_kl_t1"] < 1e-5 and 0 < errors["mean_kl_t4"] < errors["mean_kl_t1"]
+    # Against itself the stored slab has no error; int8 on the float32 source has more.
+    assert store.reconstruction_error(0, "weak", store.slab(0, "weak"))["mean_kl_t1"] == 0
+    int8 = store.measure_encoding(0, "weak", "int8", reference_logits=logits)
+    assert int8 == measure_encoding(logits, "int8")
+    assert int8["bytes_per_row"] == 18 and int8["max_abs_error"] > errors["max_abs_error"]
+
+
+# ---- create / open -------------------------------------------------------------------
+
+
+def test_recreate_with_same_identity_resumes(tmp_path):
+    store = create(tmp_path / "s")
+    logits, _ = write(store, 0, "strong")
+    # The same identity in another key order, views as a tuple: still the same store.
+    same = dict(reversed(list(IDENTITY.items())))
+    resumed = create(tmp_path / "s", identity=same, views=tuple(VIEWS), rounds=4, attrs={"acc": 0.79})
+    assert resumed.complete_slabs() == [(0, "strong")]
+    assert resumed.missing_slabs()[:3] == [(0, "weak"), (1, "weak"), (1, "strong")]
+    assert len(resumed.missing_slabs()) == 7
+    assert torch.equal(resumed.slab(0, "strong"), logits.half().float())
+    reopened = LogitStore.open(tmp_path / "s")
+    assert reopened.rounds == 4 and reopened.attrs == {"acc": 0.79}
+    assert reopened.identity == {**IDENTITY, "encoding": "float16"}
+
+
+@pytest.mark.parametrize(
+    "change, field, old, new",
+    [
+        ({"identity": {**IDENTITY, "teacher": "wrn_40_2"}}, "teacher", "resnet32x4", "wrn_40_2"),
+        (
+            {"identity": {**IDENTITY, "policies": {"weak": {"name": "crop_flip", "params": {"pad": 2}}}}},
+            "policies.weak.params.pad",
+            "4",
+            "2",
+        ),
+        ({"num_classes": 100}, "num_classes", "10", "100"),
+        ({"views": ["weak"]}, "views", '["weak", "strong"]', '["weak"]'),
+        ({"encoding": "int8"}, "encoding", "float16", "int8"),
+    ],
+)
+def test_identity_mismatch_names_the_field(tmp_path, change, field, old, new):
+    create(tmp_path / "s")
+    with pytest.raises(KdcacheError) as info:
+        create(tmp_path / "s", **change)
+    message = str(info.value)
+    assert f"with {field}=" in message and old in message and new in message
+    assert "--overwrite" in message
+
+
+def test_overwrite_replaces_store(tmp_path):
+    store = create(tmp_path / "s")
+    write(store, 0, "weak")
+    fresh = create(tmp_path / "s", num_classes=100, overwrite=True)
+    assert fresh.num_classes == 100 and fresh.complete_slabs() == []
+    assert not (tmp_path / "s" / "slabs").exists()
+
+
+def test_create_refuses_foreign_directories(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(KdcacheError, match="not a kdcache store"):
+            create(tmp_path / "d", overwrite=overwrite)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(KdcacheError, match="no logit store at"):
+        LogitStore.open(tmp_path / "missing")
+    with pytest.raises(KdcacheError, match="not a kdcache logit store"):
+        LogitStore.open(tmp_path)
+    zarr.open_group(tmp_path / "plain", mode="w", attributes={"x": 1})
+    with pytest.raises(KdcacheError, match="not a kdcache logit store"):
+        LogitStore.open(tmp_path / "plain")
+    create(tmp_path / "s")
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes(
+        {"kdcache_store_format": STORE_FORMAT_VERSION + 1}
+    )
+    with pytest.raises(KdcacheError, match="newer than this kdcache.*upgrade kdcache"):
+        LogitStore.open(tmp_path / "s")
+
+
+def test_read_only_and_key_errors(tmp_path):
+    create(tmp_path / "s")
+    store = LogitStore.open(tmp_path / "s")
+    with pytest.raises(KdcacheError, match="read-only"):
+        write(store, 0, "weak")
+    with pytest.raises(KdcacheError, match="round 3 is out of range"):
+        store.is_complete(3, "weak")
+    with pytest.raises(KdcacheError, match="view 'mixed' is not in the store"):
+        store.is_complete(0, "mixed")
+    with pytest.raises(KdcacheError, match="not complete"):
+        store.slab(0, "weak")
+
+
+def test_interrupted_slab_is_ignored_then_rewritten(tmp_path):
+    store = create(tmp_path / "s")
+    # What a writer killed mid-slab leaves: a group and some data, no marker.
+    group = zarr.open_group(tmp_path / "s", mode="r+").create_group(
+        slab_path(2, "weak"), attributes={"complete": False}
+    )
+    group.create_array("logits", data=np.zeros((64, 10), np.float16))
+    assert not LogitStore.open(tmp_path / "s").is_complete(2, "weak")
+    assert (2, "weak") in store.missing_slabs()
+    logits, _ = write(store, 2, "weak")
+    assert torch.equal(LogitStore.open(tmp_path / "s").slab(2, "weak"), logits.half().float())
+    with pytest.raises(ValueError, match="already complete"):
+        write(store, 2, "weak")
+
+
+def test_plain_zarr_reads_a_slab(tmp_path):
+    logits, seeds = write(create(tmp_path / "s"), 1, "weak")
+    root = zarr.open_group(tmp_path / "s", mode="r")
+    slab = root["slabs/r00001/weak"]
+    assert slab.attrs["complete"] is True and root.attrs["identity"]["encoding"] == "float16"
+    assert np.array_equal(slab["logits"][:], logits.half().numpy())
+    assert np.array_equal(slab["seeds"][:], seeds.numpy().view(np.uint64))
+
+
+# ---- concurrency ---------------------------------------------------------------------
+
+N, C = 2000, 100
+ALL_KEYS = [(r, v) for r in range(6) for v in VIEWS]
+
+
+def _writer(path, keys, start, pause):
+    store = LogitStore.open(path, mode="r+")
+    start.wait(60)
+    for round, view in keys:
+        write(store, round, view)
+        time.sleep(pause)
+
+
+def _reader(path, ready, results):
+    """Poll the store; check every slab it reports complete against the written data."""
+    store = LogitStore.open(path)
+    ready.set()
+    counts, bad, checked = [], [], set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(checked) < len(ALL_KEYS):
+        complete = store.complete_slabs()
+        counts.append(len(complete))
+        for key in complete:
+            if key not in checked:
+                logits, seeds = make_logits(*key, N, C)
+                ok = torch.equal(store.slab(*key), logits.half().float())
+                ok = ok and torch.equal(store.seeds(*key), seeds)
+                if not ok:
+                    bad.append(key)
+                checked.add(key)
+    results.put((counts, bad, len(checked)))
+
+
+def _run(processes, release=None, timeout=90):
+    """Start the processes, then `release` them together, and wait for clean exits."""
+    for p in processes:
+        p.start()
+    if release is not None:
+        release.set()
+    for p in processes:
+        p.join(timeout)
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    assert not alive, "a store process hung"
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+
+
+def test_reader_only_sees_complete_correct_slabs(tmp_path):
+    path = str(tmp_path / "s")
+    create(path, num_samples=N, num_classes=C, rounds=6)
+    ctx = multiprocessing.get_context("spawn")
+    ready, results = ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(path, ready, results))
+    writer = ctx.Process(target=_writer, args=(path, ALL_KEYS, ready, 0.05))
+    _run([reader, writer])
+    counts, bad, checked = results.get(timeout=5)
+    assert bad == [] and checked == len(ALL_KEYS)
+    assert counts == sorted(counts), "a slab went from complete to incomplete"
+    assert any(0 < n < len(ALL_KEYS) for n in counts), "reader never overlapped the writer"
+
+
+def test_concurrent_writers_lose_no_markers(tmp_path):
+    path = str(tmp_path / "s")
+    create(path, num_samples=N, num_classes=C, rounds=6)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    # Each writer takes one view of every round: both create the same round groups.
+    writers = [ctx.Process(target=_writer, args=(path, ALL_KEYS[i::2], start, 0)) for i in (0, 1)]
+    _run(writers, release=start)
+    store = LogitStore.open(path)
+    assert store.complete_slabs() == ALL_KEYS and store.missing_slabs() == []
+    for key in ALL_KEYS:
+        assert torch.equal(store.slab(*key), make_logits(*key, N, C)[0].half().float())
+        assert store.slab_stats(*key) == {"teacher_acc": 0.5 + key[0] / 100}
+
+
+# ---- prefetcher ----------------------------------------------------------------------
+
+
+def test_prefetcher_yields_in_order(tmp_path):
+    store = create(tmp_path / "s")
+    keys = [(2, "weak"), (0, "strong"), (1, "weak"), (0, "weak")]
+    expected = {key: write(store, *key)[0].half().float() for key in keys}
+    got = list(SlabPrefetcher(store, keys, depth=2))
+    assert [key for key, _ in got] == keys
+    assert all(torch.equal(slab, expected[key]) for key, slab in got)
+
+
+def test_prefetcher_propagates_errors_and_stops(tmp_path):
+    store = create(tmp_path / "s")
+    write(store, 0, "weak")
+    prefetcher = SlabPrefetcher(store, [(0, "weak"), (0, "strong"), (0, "weak")])
+    seen = []
+    with pytest.raises(KdcacheError, match="not complete"):
+        for key, _ in prefetcher:
+            seen.append(key)
+    assert seen == [(0, "weak")] and not prefetcher._thread.is_alive()
+
+    early = SlabPrefetcher(store, [(0, "weak")] * 5)
+    for _ in early:
+        break
+    early.close()
+    assert not early._thread.is_alive()
