@@ -1,6 +1,5 @@
 """CRLD: cross-view consistency regularisation for logit distillation (ACM MM 2024)."""
 
-import torch
 import torch.nn.functional as F
 
 from kdcache.losses.base import DistillLoss
