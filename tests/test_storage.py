@@ -1,8 +1,6 @@
 """The logit store: encodings, resume/identity rules, markers under concurrency, prefetch."""
 
-import json
 import multiprocessing
-import queue
 import time
 
 import numpy as np
@@ -20,11 +18,12 @@ from kdcache.storage import (
     slab_path,
 )
 
+WEAK = {"name": "crop_flip", "params": {"pad": 4}}
 IDENTITY = {
     "teacher": "resnet32x4",
     "checkpoint_sha256": "ab" * 32,
     "dataset_fingerprint": "cd" * 32,
-    "policies": {"weak": {"name": "crop_flip", "params": {"pad": 4}}},
+    "policies": {"weak": WEAK},
     "store_seed": 7,
 }
 VIEWS = ["weak", "strong"]
@@ -82,7 +81,8 @@ def test_int8_handles_constant_rows():
 
 
 @pytest.mark.parametrize(
-    "encoding, expected", [("float16", 2 * 100 + 8), ("int8", 100 + 8 + 8), ("topk", 10 * 6 + 4 + 8)]
+    "encoding, expected",
+    [("float16", 2 * 100 + 8), ("int8", 100 + 8 + 8), ("topk", 10 * 6 + 4 + 8)],
 )
 def test_bytes_per_view_sample_is_exact(tmp_path, encoding, expected):
     store = create(tmp_path / "s", num_classes=100, encoding=encoding)
@@ -122,7 +122,9 @@ def test_recreate_with_same_identity_resumes(tmp_path):
     logits, _ = write(store, 0, "strong")
     # The same identity in another key order, views as a tuple: still the same store.
     same = dict(reversed(list(IDENTITY.items())))
-    resumed = create(tmp_path / "s", identity=same, views=tuple(VIEWS), rounds=4, attrs={"acc": 0.79})
+    resumed = create(
+        tmp_path / "s", identity=same, views=tuple(VIEWS), rounds=4, attrs={"acc": 0.79}
+    )
     assert resumed.complete_slabs() == [(0, "strong")]
     assert resumed.missing_slabs()[:3] == [(0, "weak"), (1, "weak"), (1, "strong")]
     assert len(resumed.missing_slabs()) == 7
@@ -137,7 +139,7 @@ def test_recreate_with_same_identity_resumes(tmp_path):
     [
         ({"identity": {**IDENTITY, "teacher": "wrn_40_2"}}, "teacher", "resnet32x4", "wrn_40_2"),
         (
-            {"identity": {**IDENTITY, "policies": {"weak": {"name": "crop_flip", "params": {"pad": 2}}}}},
+            {"identity": {**IDENTITY, "policies": {"weak": {**WEAK, "params": {"pad": 2}}}}},
             "policies.weak.params.pad",
             "4",
             "2",

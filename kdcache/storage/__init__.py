@@ -1,6 +1,12 @@
 """The zarr logit store: slabs of teacher logits per (round, view), see docs/store-format.md."""
 
-from kdcache.storage.encodings import Encoding, get_encoding, list_encodings, logit_errors, measure_encoding
+from kdcache.storage.encodings import (
+    Encoding,
+    get_encoding,
+    list_encodings,
+    logit_errors,
+    measure_encoding,
+)
 from kdcache.storage.prefetch import SlabPrefetcher
 from kdcache.storage.store import STORE_FORMAT_VERSION, LogitStore, slab_path
 

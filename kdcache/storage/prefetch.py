@@ -31,7 +31,9 @@ class SlabPrefetcher:
         self._keys = list(keys)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._load_all, name="kdcache-slab-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._load_all, name="kdcache-slab-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:

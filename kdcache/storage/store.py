@@ -31,6 +31,12 @@ SEED_BYTES = 8
 # Target size of one chunk: a CIFAR-100 float16 slab (10 MB) is 3 chunks.
 CHUNK_BYTES = 4 * 2**20
 _MISSING = "<absent>"
+_NOT_A_GROUP = (
+    FileNotFoundError,
+    NotADirectoryError,
+    zarr.errors.GroupNotFoundError,
+    zarr.errors.ContainsArrayError,
+)
 
 
 def slab_path(round: int, view: str) -> str:
@@ -42,7 +48,7 @@ def _read_root_attrs(path: Path) -> dict | None:
     """The root attributes if `path` holds a kdcache store, else None."""
     try:
         root = zarr.open_group(path, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, NotADirectoryError):
+    except _NOT_A_GROUP:
         return None
     attrs = dict(root.attrs)
     return attrs if FORMAT_KEY in attrs else None
@@ -60,9 +66,8 @@ def _first_difference(stored, given, name: str):
     """(dotted field name, stored value, given value) of the first mismatch, or None."""
     if isinstance(stored, dict) and isinstance(given, dict):
         for key in list(given) + [k for k in stored if k not in given]:
-            diff = _first_difference(
-                stored.get(key, _MISSING), given.get(key, _MISSING), f"{name}.{key}" if name else key
-            )
+            field = f"{name}.{key}" if name else key
+            diff = _first_difference(stored.get(key, _MISSING), given.get(key, _MISSING), field)
             if diff:
                 return diff
         return None
@@ -153,7 +158,7 @@ class LogitStore:
 
         existing = _read_root_attrs(path)
         if overwrite and path.exists():
-            if existing is None and any(path.iterdir()):
+            if existing is None and (not path.is_dir() or any(path.iterdir())):
                 raise KdcacheError(f"refusing to overwrite {path}: it is not a kdcache store")
             shutil.rmtree(path)
         elif existing is not None:
@@ -209,7 +214,8 @@ class LogitStore:
         if diff:
             name, old, new = diff
             raise KdcacheError(
-                f"{self._path} was made with {name}={_short(old)}, this run has {name}={_short(new)}; "
+                f"{self._path} was made with {name}={_short(old)}, "
+                f"this run has {name}={_short(new)}; "
                 "pass --overwrite to replace it or choose another path"
             )
 
@@ -257,7 +263,9 @@ class LogitStore:
 
     def _check_key(self, round: int, view: str):
         if not 0 <= round < self.rounds:
-            raise KdcacheError(f"round {round} is out of range: the store has rounds 0..{self.rounds - 1}")
+            raise KdcacheError(
+                f"round {round} is out of range: the store has rounds 0..{self.rounds - 1}"
+            )
         if view not in self._attrs["views"]:
             raise KdcacheError(f"view {view!r} is not in the store; its views are {self.views}")
 
@@ -277,14 +285,18 @@ class LogitStore:
                 f"got {logits.shape} and {seeds.shape}"
             )
         if not np.isfinite(logits).all():
-            raise KdcacheError(f"teacher logits for {slab_path(round, view)} contain NaN or inf; check the teacher")
+            raise KdcacheError(
+                f"teacher logits for {slab_path(round, view)} contain NaN or inf; check the teacher"
+            )
         stats = _as_json(stats or {}, "stats")
         arrays = {**self._encoding.encode(logits), "seeds": seeds}
 
         rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
         rows = math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
         # overwrite=True clears what an interrupted earlier attempt left behind.
-        group = self._root.create_group(slab_path(round, view), overwrite=True, attributes={"complete": False})
+        group = self._root.create_group(
+            slab_path(round, view), overwrite=True, attributes={"complete": False}
+        )
         for name, data in arrays.items():
             group.create_array(
                 name, data=data, chunks=(rows,) + data.shape[1:], compressors=ZstdCodec(level=3)
@@ -302,11 +314,14 @@ class LogitStore:
             self._complete.add((round, view))
         return True
 
+    def _keys(self) -> list[tuple[int, str]]:
+        return [(r, v) for r in range(self.rounds) for v in self.views]
+
     def complete_slabs(self) -> list[tuple[int, str]]:
-        return [(r, v) for r in range(self.rounds) for v in self.views if self.is_complete(r, v)]
+        return [key for key in self._keys() if self.is_complete(*key)]
 
     def missing_slabs(self) -> list[tuple[int, str]]:
-        return [(r, v) for r in range(self.rounds) for v in self.views if not self.is_complete(r, v)]
+        return [key for key in self._keys() if not self.is_complete(*key)]
 
     def _complete_group(self, round: int, view: str) -> zarr.Group:
         if not self.is_complete(round, view):
