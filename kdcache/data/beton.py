@@ -28,6 +28,8 @@ FIELDS = ("image", "label", "index")
 FORMAT_VERSION = 2
 TYPE_RGB_IMAGE, TYPE_INT = 2, 1
 MODE_JPEG, MODE_RAW = 0, 1
+ALLOC_ENTRY_BYTES = 24  # one (sample_id, ptr, size) entry per image allocation
+PAGE_SIZE = 1 << 21  # ffcv's minimum; its 8 MiB default bloats small datasets
 
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                    ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
@@ -43,7 +45,7 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, *, jpeg: boo
 
     fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=90),
               "label": IntField(), "index": IntField()}
-    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
+    writer = DatasetWriter(str(path), fields, page_size=PAGE_SIZE, num_workers=num_workers)
     writer.from_indexed_dataset(_Samples(images, labels), chunksize=1000)
 
 
@@ -73,11 +75,15 @@ class BetonFile:
             fields = np.fromfile(self.path, dtype=FIELD_DESC, count=int(header["num_fields"]), offset=HEADER.itemsize)
         except (ValueError, IndexError):
             self._corrupt("header")
+        if len(fields) != header["num_fields"]:
+            self._corrupt("field descriptors")
         names = tuple(bytes(f["name"]).rstrip(b"\0").decode("ascii", "replace") for f in fields)
         if header["version"] != FORMAT_VERSION or names != FIELDS or \
                 list(fields["type_id"]) != [TYPE_RGB_IMAGE, TYPE_INT, TYPE_INT]:
             raise KdcacheError(f"{self.path} is not a kdcache beton (fields {names}); re-run `kdcache data prepare`")
         self.num_samples = int(header["num_samples"])
+        if int(header["alloc_table_ptr"]) + ALLOC_ENTRY_BYTES * self.num_samples > self.size:
+            self._corrupt("allocation table")
         offset = HEADER.itemsize + fields.nbytes
         if offset + self.num_samples * SAMPLE_META.itemsize > self.size:
             self._corrupt("metadata")
