@@ -1,0 +1,293 @@
+"""View policies: seeds -> explicit per-sample parameters -> uint8 views.
+
+A policy is a fixed sequence of steps. Each step owns a fixed number of uniform streams
+of the sample's seed, in order, and turns them into its parameters; how streams map to
+parameters is part of the store format (docs/views.md, POLICY_FORMAT_VERSION).
+"""
+
+import math
+
+import torch
+
+from kdcache.augment import ops
+from kdcache.augment.seeds import SEED_FORMAT_VERSION, uniform_streams
+from kdcache.errors import KdcacheError
+
+POLICY_FORMAT_VERSION = 1
+
+CUTOUT_FILL = (125, 123, 114)
+
+
+def _floor_index(u: torch.Tensor, count) -> torch.Tensor:
+    """Uniform integer in [0, count) from u in [0, 1) (count an int or int tensor)."""
+    return torch.floor(u * count).to(torch.int64)
+
+
+class PadCropFlip:
+    """Random crop of the zero-padded image at its own size, then horizontal flip p=0.5."""
+
+    streams = 3
+
+    def __init__(self, size: int, pad: int):
+        self.size, self.pad = size, pad
+
+    def sample(self, u, input_size):
+        return {"crop_top": _floor_index(u[:, 0], 2 * self.pad + 1),
+                "crop_left": _floor_index(u[:, 1], 2 * self.pad + 1),
+                "flip": u[:, 2] < 0.5}
+
+    def apply(self, images, p):
+        if images.shape[-2:] != (self.size, self.size):
+            raise KdcacheError(
+                f"images are {tuple(images.shape[-2:])} but this policy crops {self.size}x{self.size} "
+                "from images of that size; use image_size equal to the data's size or an imagenet_* policy")
+        return ops.pad_crop_flip(images, p["crop_top"], p["crop_left"], p["flip"], self.pad)
+
+
+class ResizedCropFlip:
+    """torchvision's RandomResizedCrop (10 tries, then the centre-crop fallback) + flip p=0.5."""
+
+    tries = 10
+    streams = 4 * tries + 1
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float]):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def sample(self, u, input_size):
+        height, width = input_size
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        tries = u[:, : 4 * self.tries].view(-1, self.tries, 4)
+        target_area = area * (self.scale[0] + tries[..., 0] * (self.scale[1] - self.scale[0]))
+        aspect = torch.exp(log_lo + tries[..., 1] * (log_hi - log_lo))
+        w = torch.round(torch.sqrt(target_area * aspect)).to(torch.int64)
+        h = torch.round(torch.sqrt(target_area / aspect)).to(torch.int64)
+        top = _floor_index(tries[..., 2], height - h + 1)
+        left = _floor_index(tries[..., 3], width - w + 1)
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.int64).argmax(dim=1, keepdim=True)
+        pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+        fb_top, fb_left, fb_h, fb_w = self._fallback(height, width)
+        found = ok.any(dim=1)
+        return {"crop_top": torch.where(found, pick(top), fb_top),
+                "crop_left": torch.where(found, pick(left), fb_left),
+                "crop_height": torch.where(found, pick(h), fb_h),
+                "crop_width": torch.where(found, pick(w), fb_w),
+                "flip": u[:, 4 * self.tries] < 0.5}
+
+    def _fallback(self, height, width):
+        """torchvision's centre crop when no try fits."""
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def apply(self, images, p):
+        return ops.resized_crop(images, p["crop_top"], p["crop_left"], p["crop_height"], p["crop_width"],
+                                p["flip"], self.size)
+
+
+class CenterResize:
+    """Evaluation view: the centred square of side crop_fraction * min(H, W), resized."""
+
+    streams = 0
+
+    def __init__(self, size: int, crop_fraction: float):
+        self.size, self.crop_fraction = size, crop_fraction
+
+    def sample(self, u, input_size):
+        return {}
+
+    def apply(self, images, p):
+        n, _, h, w = images.shape
+        if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0:
+            return images
+        side = max(1, round(min(h, w) * self.crop_fraction))
+        full = lambda v: torch.full((n,), v, dtype=torch.int64, device=images.device)  # noqa: E731
+        return ops.resized_crop(images, full((h - side) // 2), full((w - side) // 2), full(side), full(side),
+                                torch.zeros(n, dtype=torch.bool, device=images.device), self.size)
+
+
+_OP_LOW = torch.tensor([ops.OP_RANGES[name][0] for name in ops.OPS], dtype=torch.float64)
+_OP_HIGH = torch.tensor([ops.OP_RANGES[name][1] for name in ops.OPS], dtype=torch.float64)
+_OP_INTEGER = torch.tensor([ops.OP_RANGES[name][2] for name in ops.OPS])
+_COLOUR_OPS = {
+    "AutoContrast": lambda x, m: ops.autocontrast(x), "Equalize": lambda x, m: ops.equalize(x),
+    "Brightness": ops.brightness, "Color": ops.color, "Contrast": ops.contrast,
+    "Sharpness": ops.sharpness, "Posterize": ops.posterize, "Solarize": ops.solarize,
+}
+
+
+class RandAugment:
+    """CRLD's RandAugment: num_ops ops drawn uniformly with replacement, each always
+    applied, magnitude uniform in its range."""
+
+    def __init__(self, num_ops: int):
+        self.num_ops = num_ops
+        self.streams = 2 * num_ops
+
+    def sample(self, u, input_size):
+        op = _floor_index(u[:, 0::2], len(ops.OPS))
+        low, high = _OP_LOW.to(u.device)[op], _OP_HIGH.to(u.device)[op]
+        integer = _OP_INTEGER.to(u.device)[op]
+        mag = torch.where(integer, low + torch.floor(u[:, 1::2] * (high - low + 1)), low + u[:, 1::2] * (high - low))
+        return {"ra_op": op, "ra_magnitude": mag}
+
+    def apply(self, images, p):
+        out = images.clone()
+        h, w = images.shape[-2:]
+        geometric = torch.tensor([ops.OPS.index(name) for name in ops.GEOMETRIC], device=images.device)
+        for j in range(self.num_ops):
+            op, mag = p["ra_op"][:, j], p["ra_magnitude"][:, j]
+            rows = torch.isin(op, geometric).nonzero().squeeze(1)
+            if rows.numel():
+                out[rows] = ops.affine_nearest(out[rows], ops.affine_matrices(op[rows], mag[rows], h, w))
+            for name, fn in _COLOUR_OPS.items():
+                rows = (op == ops.OPS.index(name)).nonzero().squeeze(1)
+                if rows.numel():
+                    out[rows] = fn(out[rows], mag[rows])
+        return out
+
+
+class Cutout:
+    """Square of side floor(U(0, max_fraction) * size) at a uniform centre pixel, clipped."""
+
+    streams = 3
+
+    def __init__(self, size: int, max_fraction: float):
+        self.size, self.max_fraction = size, max_fraction
+
+    def sample(self, u, input_size):
+        side = torch.floor(u[:, 0] * (self.max_fraction * self.size)).to(torch.int64)
+        return {"cutout_top": _floor_index(u[:, 1], self.size) - side // 2,
+                "cutout_left": _floor_index(u[:, 2], self.size) - side // 2,
+                "cutout_side": side}
+
+    def apply(self, images, p):
+        return ops.cutout(images, p["cutout_top"], p["cutout_left"], p["cutout_side"], CUTOUT_FILL)
+
+
+class ViewPolicy:
+    """Turns (uint8 images, seeds) into views; parameters depend on the seed alone."""
+
+    def __init__(self, name: str, image_size: int, params: dict, steps: list):
+        self.name, self.image_size, self.params, self.steps = name, image_size, params, steps
+
+    def sample(self, seeds: torch.Tensor, input_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per-sample parameters of the views with these seeds, for inputs of input_size (H, W)."""
+        u = uniform_streams(seeds, sum(step.streams for step in self.steps))
+        params, start = {}, 0
+        for step in self.steps:
+            params.update(step.sample(u[:, start:start + step.streams], input_size))
+            start += step.streams
+        return params
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        for step in self.steps:
+            images = step.apply(images, params)
+        return images
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        if seeds.shape != images.shape[:1]:
+            raise ValueError(f"expected one seed per image, got {tuple(seeds.shape)} for {images.shape[0]} images")
+        return self.apply(images, self.sample(seeds.to(images.device), tuple(images.shape[-2:])))
+
+    def spec(self) -> dict:
+        """JSON-serialisable identity of this policy, recorded in stores."""
+        return {"name": self.name, "image_size": self.image_size, "params": dict(self.params),
+                "policy_format_version": POLICY_FORMAT_VERSION, "seed_format_version": SEED_FORMAT_VERSION}
+
+    def __repr__(self):
+        return f"ViewPolicy({self.name!r}, image_size={self.image_size}, params={self.params})"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KdcacheError(message)
+
+
+def _pair(name, value):
+    _check(isinstance(value, (list, tuple)) and len(value) == 2 and 0 < value[0] <= value[1],
+           f"{name} must be two numbers 0 < low <= high, got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
+def _rand_augment_steps(size, num_ops, cutout):
+    _check(isinstance(num_ops, int) and num_ops >= 0, f"num_ops must be a non-negative integer, got {num_ops!r}")
+    _check(0.0 <= cutout <= 1.0, f"cutout must be a fraction of the image size in [0, 1], got {cutout!r}")
+    return [RandAugment(num_ops), Cutout(size, float(cutout))]
+
+
+def _weak(size, pad):
+    _check(isinstance(pad, int) and pad >= 0, f"pad must be a non-negative integer, got {pad!r}")
+    return [PadCropFlip(size, pad)]
+
+
+def _strong(size, pad, num_ops, cutout):
+    return _weak(size, pad) + _rand_augment_steps(size, num_ops, cutout)
+
+
+def _imagenet_weak(size, scale, ratio):
+    return [ResizedCropFlip(size, _pair("scale", scale), _pair("ratio", ratio))]
+
+
+def _imagenet_strong(size, scale, ratio, num_ops, cutout):
+    return _imagenet_weak(size, scale, ratio) + _rand_augment_steps(size, num_ops, cutout)
+
+
+def _identity(size, crop_fraction):
+    _check(0.0 < crop_fraction <= 1.0, f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
+    return [CenterResize(size, float(crop_fraction))]
+
+
+_IMAGENET_DEFAULTS = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3]}
+# name -> (step builder, default parameters as a function of the image size)
+_POLICIES = {
+    "weak": (_weak, lambda size: {"pad": size // 8}),
+    "strong": (_strong, lambda size: {"pad": size // 8, "num_ops": 2, "cutout": 0.5}),
+    "imagenet_weak": (_imagenet_weak, lambda size: dict(_IMAGENET_DEFAULTS)),
+    "imagenet_strong": (_imagenet_strong, lambda size: {**_IMAGENET_DEFAULTS, "num_ops": 2, "cutout": 0.5}),
+    "identity": (_identity, lambda size: {"crop_fraction": 1.0}),
+}
+
+
+def list_policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def get_policy(name: str, image_size: int, **params) -> ViewPolicy:
+    """The policy `name` producing image_size x image_size views; params override defaults."""
+    if name not in _POLICIES:
+        raise KdcacheError(f"unknown view policy {name!r}; choose one of {', '.join(list_policies())}")
+    _check(isinstance(image_size, int) and image_size > 0, f"image_size must be a positive integer, got {image_size!r}")
+    build, defaults = _POLICIES[name]
+    resolved = defaults(image_size)
+    unknown = sorted(set(params) - set(resolved))
+    _check(not unknown, f"policy {name!r} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(resolved))}")
+    resolved.update(params)
+    steps = build(image_size, **resolved)
+    # The spec must survive a JSON round trip unchanged: tuples become lists.
+    resolved = {key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()}
+    return ViewPolicy(name, image_size, resolved, steps)
+
+
+def policy_from_spec(spec: dict) -> ViewPolicy:
+    """Rebuild a policy from `ViewPolicy.spec()`, refusing specs of another format version."""
+    for key, version in (("policy_format_version", POLICY_FORMAT_VERSION), ("seed_format_version", SEED_FORMAT_VERSION)):
+        _check(spec.get(key) == version,
+               f"view policy {spec.get('name')!r} was recorded with {key} {spec.get(key)}, this kdcache reads {version}; "
+               "regenerate the store or use the kdcache version that wrote it")
+    return get_policy(spec["name"], spec["image_size"], **spec["params"])
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 (x / 255 - mean) / std; mean, std on the 0..1 scale."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t

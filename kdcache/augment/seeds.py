@@ -1,0 +1,66 @@
+"""Counter-based seeds: a view key hashes to a 64-bit seed, a seed to uniform streams.
+
+Everything here is integer arithmetic on int64 tensors (uint64 bit patterns, wrapping
+like C's uint64), so the same key gives the same bits on any device and in any batch.
+The exact derivation is part of the store format (docs/views.md, SEED_FORMAT_VERSION).
+"""
+
+import torch
+
+from kdcache.errors import KdcacheError
+
+SEED_FORMAT_VERSION = 1
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """The int64 whose bit pattern is `value` mod 2**64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+GAMMA = _as_int64(0x9E3779B97F4A7C15)
+_MUL1 = _as_int64(0xBF58476D1CE4E5B9)
+_MUL2 = _as_int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of uint64 bit patterns (torch's >> on int64 is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser (Steele, Lea, Flood 2014) on int64 tensors."""
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def view_seeds(store_seed: int, round: int, slot: int, indices: torch.Tensor) -> torch.Tensor:
+    """64-bit seeds of the views (store_seed, round, slot, index) for each index.
+
+    h = 0; for x in (store_seed, round, slot, index): h = mix64(h + x + GAMMA).
+    """
+    for name, value in (("round", round), ("slot", slot)):
+        if not isinstance(value, int) or value < 0:
+            raise KdcacheError(f"view {name} must be a non-negative integer, got {value!r}")
+    if not isinstance(store_seed, int):
+        raise KdcacheError(f"store seed must be an integer, got {store_seed!r}")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    h = torch.zeros((), dtype=torch.int64, device=indices.device)
+    for part in (store_seed, round, slot):
+        h = mix64(h + _as_int64(part) + GAMMA)
+    return mix64(h + indices.to(torch.int64) + GAMMA)
+
+
+def uniform_streams(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """float64 [B, count] in [0, 1): stream k is splitmix64 output k+1 from state `seed`.
+
+    Output k = mix64(seed + (k + 1) * GAMMA); its top 53 bits / 2**53 is exact in
+    float64, so every device gives the same values.
+    """
+    steps = torch.arange(1, count + 1, dtype=torch.int64, device=seeds.device) * GAMMA
+    bits = mix64(seeds.to(torch.int64)[:, None] + steps)
+    return _shr(bits, 11).to(torch.float64) * 2.0**-53

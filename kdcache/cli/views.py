@@ -1,0 +1,58 @@
+"""`kdcache views`: look at the views a policy makes of a prepared dataset's images."""
+
+from pathlib import Path
+
+import torch
+import typer
+
+from kdcache.augment import get_policy, render_grid, view_seeds
+from kdcache.errors import KdcacheError
+
+views_app = typer.Typer(help="Inspect seeded augmentation views.", no_args_is_help=True)
+
+
+def parse_indices(text: str) -> list[int]:
+    """'0-15', '3,7,9' or '0-3,10' -> sample indices."""
+    indices = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            indices.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise KdcacheError(f"--index {text!r} is not a list of indices or ranges such as 0-15 or 3,7,9") from None
+    if not indices:
+        raise KdcacheError(f"--index {text!r} selects no sample")
+    return indices
+
+
+@views_app.command()
+def show(
+    data: Path = typer.Option(..., help="Prepared dataset folder (kdcache data prepare)."),
+    policy: str = typer.Option("strong", help="View policy name."),
+    split: str = typer.Option("train", help="Dataset split."),
+    round: int = typer.Option(0, help="First round to show."),
+    slot: int = typer.Option(0, help="View slot."),
+    seed: int = typer.Option(0, help="Store seed."),
+    index: str = typer.Option("0-15", help="Sample indices, e.g. 0-15 or 3,7,9."),
+    views: int = typer.Option(8, min=1, help="Views per sample: rounds ROUND .. ROUND+VIEWS-1."),
+    size: int = typer.Option(0, help="Output size in pixels; 0: the data's image height."),
+    scale: int = typer.Option(4, min=1, help="Upscale factor of the PNG."),
+    out: Path = typer.Option(Path("views.png"), help="PNG file to write."),
+) -> None:
+    """One row per sample: the image (identity view), then its views for consecutive rounds."""
+    from kdcache.data import load_split
+
+    images, _ = load_split(data, split)
+    indices = parse_indices(index)
+    if max(indices) >= len(images) or min(indices) < 0:
+        raise KdcacheError(f"--index {index!r} is out of range: split {split!r} has {len(images)} samples")
+    size = size or images.shape[-2]
+    view_policy = get_policy(policy, size)
+    chosen = images[indices]
+    idx = torch.tensor(indices)
+    seeds = torch.stack([view_seeds(seed, r, slot, idx) for r in range(round, round + views)], dim=1)
+    shown = view_policy(chosen.repeat_interleave(views, dim=0), seeds.reshape(-1))
+    originals = get_policy("identity", size)(chosen, torch.zeros(len(indices), dtype=torch.int64))
+    grid = torch.cat([originals[:, None], shown.view(len(indices), views, *shown.shape[1:])], dim=1)
+    render_grid(grid.flatten(0, 1), out, ncol=views + 1, scale=scale)
+    typer.echo(f"wrote {out}: {len(indices)} samples x (original + {views} {policy} views, rounds {round}..{round + views - 1})")
