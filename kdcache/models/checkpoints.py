@@ -50,12 +50,12 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        if "Unsupported global" in str(e):  # weights_only refused a class or function
             raise KdcacheError(
                 f"checkpoint {path} holds Python objects besides tensors; if you trust "
                 "the file, load it with trusted=True"
             ) from e
-        raise KdcacheError(f"cannot read checkpoint {path}: not a PyTorch file ({e})") from e
+        raise KdcacheError(f"cannot read checkpoint {path}: not a PyTorch file, or corrupt") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdcacheError(f"cannot read checkpoint {path}: {reason}") from e
@@ -127,7 +127,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **info) -> None:
     with weights_only=True. Written to a temporary file renamed over `path`, so a crash
     never leaves a truncated checkpoint.
     """
-    reserved = {"format", "version", "model"} & info.keys()
+    reserved = {"format", "version"} & info.keys()
     if reserved:
         raise ValueError(f"save_checkpoint: {sorted(reserved)} are reserved keys")
     path = Path(path)
