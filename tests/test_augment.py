@@ -342,7 +342,8 @@ def test_views_show_cli(tmp_path, monkeypatch):
     fake.load_split = lambda data_dir, split: (IMAGES, torch.zeros(len(IMAGES), dtype=torch.int64))
     monkeypatch.setitem(sys.modules, "kdcache.data", fake)
     out = tmp_path / "grid.png"
-    args = ["--data", str(tmp_path), "--policy", "strong", "--index", "0-3", "--views", "5", "--scale", "1", "--out", str(out)]
+    args = ["--data", str(tmp_path), "--policy", "strong", "--index", "0-3", "--views", "5", "--scale", "1",
+            "--out", str(out)]
     result = CliRunner().invoke(views_app, args)
     assert result.exit_code == 0, result.output
     sheet = np.asarray(Image.open(out))

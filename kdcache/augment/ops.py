@@ -171,7 +171,8 @@ def affine_nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor
     return out.to(torch.uint8)
 
 
-def pad_crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
+def pad_crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+                  pad: int) -> torch.Tensor:
     """Crop HxW at (top, left) of the zero-padded image, then mirror where flip: one gather."""
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
@@ -224,7 +225,8 @@ def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, he
     return x.to(torch.uint8)
 
 
-def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: torch.Tensor, fill: tuple[int, int, int]) -> torch.Tensor:
+def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: torch.Tensor,
+           fill: tuple[int, int, int]) -> torch.Tensor:
     """Fill the square [top, top+side) x [left, left+side), clipped to the image."""
     _, _, h, w = images.shape
     ys = torch.arange(h, device=images.device)

@@ -65,15 +65,13 @@ class ResizedCropFlip:
         top = _floor_index(tries[..., 2], height - h + 1)
         left = _floor_index(tries[..., 3], width - w + 1)
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.to(torch.int64).argmax(dim=1, keepdim=True)
-        pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
-        fb_top, fb_left, fb_h, fb_w = self._fallback(height, width)
-        found = ok.any(dim=1)
-        return {"crop_top": torch.where(found, pick(top), fb_top),
-                "crop_left": torch.where(found, pick(left), fb_left),
-                "crop_height": torch.where(found, pick(h), fb_h),
-                "crop_width": torch.where(found, pick(w), fb_w),
-                "flip": u[:, 4 * self.tries] < 0.5}
+        # The first try that fits, else torchvision's centre-crop fallback.
+        first = ok.to(torch.int64).argmax(dim=1)[:, None, None].expand(-1, 1, 4)
+        boxes = torch.stack([top, left, h, w], dim=2).gather(1, first).squeeze(1)
+        fallback = torch.tensor(self._fallback(height, width), device=u.device)
+        boxes = torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
+        return {"crop_top": boxes[:, 0], "crop_left": boxes[:, 1], "crop_height": boxes[:, 2],
+                "crop_width": boxes[:, 3], "flip": u[:, 4 * self.tries] < 0.5}
 
     def _fallback(self, height, width):
         """torchvision's centre crop when no try fits."""
@@ -107,8 +105,8 @@ class CenterResize:
         if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0:
             return images
         side = max(1, round(min(h, w) * self.crop_fraction))
-        full = lambda v: torch.full((n,), v, dtype=torch.int64, device=images.device)  # noqa: E731
-        return ops.resized_crop(images, full((h - side) // 2), full((w - side) // 2), full(side), full(side),
+        box = torch.tensor([(h - side) // 2, (w - side) // 2, side, side], device=images.device).expand(n, 4)
+        return ops.resized_crop(images, box[:, 0], box[:, 1], box[:, 2], box[:, 3],
                                 torch.zeros(n, dtype=torch.bool, device=images.device), self.size)
 
 
@@ -269,7 +267,8 @@ def get_policy(name: str, image_size: int, **params) -> ViewPolicy:
     build, defaults = _POLICIES[name]
     resolved = defaults(image_size)
     unknown = sorted(set(params) - set(resolved))
-    _check(not unknown, f"policy {name!r} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(resolved))}")
+    _check(not unknown,
+           f"policy {name!r} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(resolved))}")
     resolved.update(params)
     steps = build(image_size, **resolved)
     # The spec must survive a JSON round trip unchanged: tuples become lists.
@@ -279,10 +278,11 @@ def get_policy(name: str, image_size: int, **params) -> ViewPolicy:
 
 def policy_from_spec(spec: dict) -> ViewPolicy:
     """Rebuild a policy from `ViewPolicy.spec()`, refusing specs of another format version."""
-    for key, version in (("policy_format_version", POLICY_FORMAT_VERSION), ("seed_format_version", SEED_FORMAT_VERSION)):
+    versions = {"policy_format_version": POLICY_FORMAT_VERSION, "seed_format_version": SEED_FORMAT_VERSION}
+    for key, version in versions.items():
         _check(spec.get(key) == version,
-               f"view policy {spec.get('name')!r} was recorded with {key} {spec.get(key)}, this kdcache reads {version}; "
-               "regenerate the store or use the kdcache version that wrote it")
+               f"view policy {spec.get('name')!r} was recorded with {key} {spec.get(key)}, this kdcache reads "
+               f"{version}; regenerate the store or use the kdcache version that wrote it")
     return get_policy(spec["name"], spec["image_size"], **spec["params"])
 
 

@@ -55,4 +55,5 @@ def show(
     originals = get_policy("identity", size)(chosen, torch.zeros(len(indices), dtype=torch.int64))
     grid = torch.cat([originals[:, None], shown.view(len(indices), views, *shown.shape[1:])], dim=1)
     render_grid(grid.flatten(0, 1), out, ncol=views + 1, scale=scale)
-    typer.echo(f"wrote {out}: {len(indices)} samples x (original + {views} {policy} views, rounds {round}..{round + views - 1})")
+    typer.echo(f"wrote {out}: {len(indices)} samples x (original + {views} {policy} views, "
+               f"rounds {round}..{round + views - 1})")
