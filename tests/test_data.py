@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from kdcache.cli.data import data_app
 from kdcache.data import DatasetMeta, epoch_order, load_split, make_loader, prepare_dataset
+from kdcache.data.loaders import MemoryLoader
 from kdcache.data.sources import FASHION_MNIST_ROOT
 from kdcache.errors import KdcacheError
 
@@ -280,37 +282,64 @@ def truncate(path: Path, keep: int):
     path.write_bytes(path.read_bytes()[:keep])
 
 
-BAD_INPUTS = {
-    "unknown source": lambda tmp: ("imagenet21k", None, "unknown dataset source"),
-    "missing root": lambda tmp: ("mnist", None, "needs --root"),
-    "missing idx file": lambda tmp: (write_idx(tmp / "s", True) and (tmp / "s/t10k-labels-idx1-ubyte.gz").unlink()
-                                     or ("mnist", tmp / "s", "missing file")),
-    "truncated idx": lambda tmp: (write_idx(tmp / "s", False) and truncate(tmp / "s/train-images-idx3-ubyte", 100)
-                                  or ("mnist", tmp / "s", "truncated")),
-    "truncated gz": lambda tmp: (write_idx(tmp / "s", True) and truncate(tmp / "s/train-images-idx3-ubyte.gz", 30)
-                                 or ("mnist", tmp / "s", "corrupt or truncated")),
-    "bad idx magic": lambda tmp: (write_idx(tmp / "s", False) and (tmp / "s/train-labels-idx1-ubyte").write_bytes(b"\0" * 20)
-                                  and ("mnist", tmp / "s", "bad magic")),
-    "truncated pickle": lambda tmp: (write_cifar10(tmp / "s") and truncate(tmp / "s/cifar-10-batches-py/data_batch_3", 500)
-                                     or ("cifar10", tmp / "s", "corrupt or truncated")),
-    "wrong cifar layout": lambda tmp: ((tmp / "s/cifar-100-python").mkdir(parents=True)
-                                       or (tmp / "s/cifar-100-python/meta").write_bytes(pickle.dumps({b"x": 1}))
-                                       and (tmp / "s/cifar-100-python/train").write_bytes(pickle.dumps({b"data": 1}))
-                                       and ("cifar100", tmp / "s", "not a CIFAR batch")),
-    "empty split": lambda tmp: (write_npz(tmp / "e.npz", n_test=0) and ("npz", tmp / "e.npz", "test split is empty")),
-    "npz missing keys": lambda tmp: (np.savez(tmp / "k.npz", x_train=np.zeros((2, 4, 4), np.uint8))
-                                     or ("npz", tmp / "k.npz", "lacks the arrays")),
-    "float images": lambda tmp: (write_npz(tmp / "f.npz", x_train=np.zeros((3, 4, 4)), y_train=np.zeros(3, int))
-                                 and ("npz", tmp / "f.npz", "must be uint8")),
-    "label out of range": lambda tmp: (write_npz(tmp / "l.npz", class_names=np.array(["a", "b"]))
-                                       and ("npz", tmp / "l.npz", "labels must lie in 0..1")),
-    "imagefolder without val": lambda tmp: ((tmp / "s/train/a").mkdir(parents=True) or ("imagefolder", tmp / "s", "val")),
-}
+def bad_input(case: str, tmp: Path) -> tuple[str, Path | None, str]:
+    """Builds the broken source for `case`; returns (source, root, expected message)."""
+    src = tmp / "s"
+    if case == "unknown source":
+        return "imagenet21k", None, "unknown dataset source"
+    if case == "missing root":
+        return "mnist", None, "needs --root"
+    if case == "missing idx file":
+        write_idx(src, gz=True)
+        (src / "t10k-labels-idx1-ubyte.gz").unlink()
+        return "mnist", src, "missing file"
+    if case == "truncated idx":
+        write_idx(src, gz=False)
+        truncate(src / "train-images-idx3-ubyte", 100)
+        return "mnist", src, "truncated"
+    if case == "truncated gz":
+        write_idx(src, gz=True)
+        truncate(src / "train-images-idx3-ubyte.gz", 30)
+        return "mnist", src, "corrupt or truncated"
+    if case == "bad idx magic":
+        write_idx(src, gz=False)
+        (src / "train-labels-idx1-ubyte").write_bytes(b"\0" * 20)
+        return "mnist", src, "bad magic"
+    if case == "truncated pickle":
+        write_cifar10(src)
+        truncate(src / "cifar-10-batches-py" / "data_batch_3", 500)
+        return "cifar10", src, "corrupt or truncated"
+    if case == "wrong cifar layout":
+        (src / "cifar-100-python").mkdir(parents=True)
+        (src / "cifar-100-python" / "meta").write_bytes(pickle.dumps({b"x": 1}))
+        (src / "cifar-100-python" / "train").write_bytes(pickle.dumps({b"data": 1}))
+        return "cifar100", src, "not a CIFAR batch"
+    if case == "empty split":
+        write_npz(tmp / "e.npz", n_test=0)
+        return "npz", tmp / "e.npz", "test split is empty"
+    if case == "npz missing keys":
+        np.savez(tmp / "k.npz", x_train=np.zeros((2, 4, 4), np.uint8))
+        return "npz", tmp / "k.npz", "lacks the arrays"
+    if case == "float images":
+        write_npz(tmp / "f.npz", x_train=np.zeros((3, 4, 4)), y_train=np.zeros(3, int))
+        return "npz", tmp / "f.npz", "must be uint8"
+    if case == "label out of range":
+        write_npz(tmp / "l.npz", class_names=np.array(["a", "b"]))
+        return "npz", tmp / "l.npz", "labels must lie in 0..1"
+    if case == "imagefolder without val":
+        (src / "train" / "a").mkdir(parents=True)
+        return "imagefolder", src, "val"
+    raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+BAD_INPUTS = ["unknown source", "missing root", "missing idx file", "truncated idx", "truncated gz", "bad idx magic",
+              "truncated pickle", "wrong cifar layout", "empty split", "npz missing keys", "float images",
+              "label out of range", "imagefolder without val"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_raises_and_leaves_nothing(tmp_path, case):
-    source, root, message = BAD_INPUTS[case](tmp_path)
+    source, root, message = bad_input(case, tmp_path)
     with pytest.raises(KdcacheError, match=message):
         prepare_dataset(source, tmp_path / "out", root=root, size=8)
     assert_no_leftovers(tmp_path, "out")
@@ -341,6 +370,15 @@ def test_truncated_beton_and_bad_loader_arguments(small_dir, tmp_path):
         make_loader(small_dir, "train", 4, shuffle=True, rank=2, world_size=2)
     with pytest.raises(KdcacheError, match="missing"):
         load_split(tmp_path, "train")
+
+
+def test_raw_betons_load_without_ffcv(small_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # the GPU machine has no ffcv
+    images, labels = load_split(small_dir, "train")
+    loader = make_loader(small_dir, "train", 8, shuffle=True)
+    assert isinstance(loader, MemoryLoader) and images.shape == (103, 3, 6, 6) and len(labels) == 103
+    with pytest.raises(KdcacheError, match="needs the ffcv package"):
+        make_loader(small_dir, "train", 8, shuffle=True, backend="ffcv")
 
 
 # ---------------------------------------------------------------- CLI
