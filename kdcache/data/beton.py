@@ -27,7 +27,7 @@ from kdcache.errors import KdcacheError
 FIELDS = ("image", "label", "index")
 FORMAT_VERSION = 2
 TYPE_RGB_IMAGE, TYPE_INT = 2, 1
-MODE_JPEG, MODE_RAW = 0, 1
+MODE_RAW = 1  # RGBImageField metadata mode (0 is JPEG)
 ALLOC_ENTRY_BYTES = 24  # one (sample_id, ptr, size) entry per image allocation
 PAGE_SIZE = 1 << 21  # ffcv's minimum; its 8 MiB default bloats small datasets
 
