@@ -1,0 +1,314 @@
+"""The training loop shared by `kdcache train` (CE, no teacher) and `kdcache distill`.
+
+One epoch: the loader yields uint8 images with their sample indices; for each view slot
+the loss needs, the replayer regenerates that view from its key (round, slot, index); the
+teacher (cached or online) gives its logits for the same views; the loss combines them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from kdcache.augment import get_policy, normalize
+from kdcache.data import DatasetMeta, make_loader
+from kdcache.errors import KdcacheError
+from kdcache.models import read_checkpoint, save_checkpoint
+from kdcache.recipes import Recipe
+from kdcache.replay import ViewReplayer
+
+
+@dataclass
+class DistContext:
+    """Rank and world size under torchrun (WORLD_SIZE > 1), else a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def pick_device(name: str | None) -> torch.device:
+    """`cuda` when available unless told otherwise; the local rank's GPU under torchrun."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KdcacheError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when asked; fp32 everywhere else."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_model_input(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def lr_at(recipe: Recipe, epoch: int) -> float:
+    """Step schedule: base LR times decay_rate per milestone passed (epochs counted from 0)."""
+    passed = sum(1 for m in recipe.decay_epochs() if epoch >= m)
+    return recipe.lr * recipe.lr_decay_rate**passed
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_dir: Path, meta: DatasetMeta, device: torch.device, batch_size: int = 256,
+             precision: str = "fp32") -> dict[str, float]:
+    """Top-1, top-5 and CE loss of `model` on the un-augmented, normalised test split."""
+    was_training = model.training
+    model.eval()
+    identity = get_policy("identity", meta.image_shape[-1])
+    loader = make_loader(data_dir, "test", batch_size, shuffle=False, device=device)
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    seen = 0
+    start = time.perf_counter()
+    for images, labels, indices in loader:
+        x = normalize(identity(images, indices), meta.mean, meta.std)
+        with autocast(device, precision):
+            logits = model(to_model_input(x)).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        seen += labels.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    model.train(was_training)
+    return {
+        "top1": 100.0 * correct1 / seen,
+        "top5": 100.0 * correct5 / seen,
+        "loss": loss_sum / seen,
+        "images_per_s": seen / elapsed,
+    }
+
+
+@dataclass
+class TrainJob:
+    """Everything `fit` needs; built by `kdcache.distill.build_job` or `kdcache train`."""
+
+    student: nn.Module
+    student_name: str
+    loss: Any  # a kdcache.losses.DistillLoss
+    replayer: ViewReplayer
+    teacher: Any  # CachedTeacher | OnlineTeacher | None
+    data_dir: Path
+    meta: DatasetMeta
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints and config.json
+    backend: str = "auto"
+    show_progress: bool = True
+
+
+def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """Train `job.student` for `job.recipe.epochs` epochs; returns the metrics of every epoch.
+
+    Writes `config.json`, `metrics.jsonl`, `last.pth` and `best.pth` to `job.run_dir`. With
+    `resume`, continues from `last.pth`. `max_steps` stops early (benchmarks, tests).
+    """
+    recipe, device = job.recipe, job.device
+    ctx = init_distributed(device)
+    torch.manual_seed(recipe.seed)
+    student = prepare_model(job.student, device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    run_dir = Path(job.run_dir)
+    start_epoch, best_top1, history = 0, -1.0, []
+    if resume:
+        start_epoch, best_top1, history = _restore(run_dir, student, optimizer, device)
+    elif ctx.is_main:
+        _start_run_dir(run_dir, job)
+    train_model: nn.Module = student
+    if ctx.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader = make_loader(job.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed, backend=job.backend,
+                         device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
+    if len(loader) == 0:
+        raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
+    steps = 0
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            round_ = job.teacher.begin_epoch(epoch) if job.teacher is not None else epoch
+            lr = lr_at(recipe, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loader.set_epoch(epoch)
+            train_model.train()
+            stats = _EpochStats()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, mininterval=1.0,
+                       disable=not (job.show_progress and ctx.is_main), dynamic_ncols=True)
+            for images, labels, indices in bar:
+                loss_value, parts, correct = _train_step(job, train_model, optimizer, round_, images, labels, indices, epoch)
+                stats.add(loss_value, parts, correct, labels.numel())
+                bar.set_postfix(loss=f"{stats.mean_loss:.3f}", acc=f"{stats.accuracy:.1f}", img_s=f"{stats.rate:.0f}",
+                                refresh=False)
+                steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    break
+            bar.close()
+            record = {"epoch": epoch + 1, "round": round_, "lr": lr, **stats.summary(ctx)}
+            if ctx.is_main:
+                record.update({f"test_{k}": v for k, v in evaluate(student, job.data_dir, job.meta, device,
+                                                                    precision=recipe.precision).items()})
+                is_best = record["test_top1"] > best_top1
+                best_top1 = max(best_top1, record["test_top1"])
+                record["best_top1"] = best_top1
+                history.append(record)
+                _save(run_dir, student, optimizer, job, epoch + 1, best_top1, history, is_best)
+                if job.show_progress:
+                    tqdm.write(_format_record(record))
+            ctx.barrier()
+            if max_steps is not None and steps >= max_steps:
+                break
+    finally:
+        if job.teacher is not None:
+            job.teacher.close()
+    return history
+
+
+def _train_step(job: TrainJob, model: nn.Module, optimizer, round_: int, images, labels, indices, epoch: int):
+    student_logits, teacher_logits = [], []
+    with autocast(job.device, job.recipe.precision):
+        for slot in job.loss.views:
+            views = to_model_input(job.replayer(round_, slot, images, indices))
+            student_logits.append(model(views).float())
+            if job.teacher is not None:
+                teacher_logits.append(job.teacher.logits(round_, slot, views, indices))
+    # Losses count epochs from 1, as mdistiller does (DKD's warm-up ramp depends on it).
+    loss, parts = job.loss(student_logits, teacher_logits if job.teacher is not None else None, labels, epoch + 1)
+    if not torch.isfinite(loss):
+        raise KdcacheError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the teacher/store")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    correct = (job.loss.accuracy_logits(student_logits).argmax(1) == labels).sum().item()
+    return loss.item(), parts, correct
+
+
+class _EpochStats:
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.parts: dict[str, float] = {}
+        self.correct = 0
+        self.seen = 0
+        self.batches = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, parts: dict[str, float], correct: int, n: int) -> None:
+        self.loss_sum += loss
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + float(value)
+        self.correct += correct
+        self.seen += n
+        self.batches += 1
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.batches, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / max(self.seen, 1)
+
+    @property
+    def rate(self) -> float:
+        return self.seen / max(time.perf_counter() - self.start, 1e-9)
+
+    def summary(self, ctx: DistContext) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        totals = torch.tensor([self.loss_sum, self.correct, self.seen, self.batches], dtype=torch.float64)
+        if ctx.world_size > 1:
+            dist.all_reduce(totals)
+        loss_sum, correct, seen, batches = totals.tolist()
+        out = {"train_loss": loss_sum / max(batches, 1), "train_top1": 100.0 * correct / max(seen, 1),
+               "epoch_time_s": elapsed, "train_images_per_s": seen / max(elapsed, 1e-9)}
+        out.update({f"train_{k}": v / max(self.batches, 1) for k, v in self.parts.items()})
+        return out
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    return (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  train {record['train_top1']:.2f}%  "
+            f"test {record['test_top1']:.2f}% (best {record['best_top1']:.2f}%)  "
+            f"{record['train_images_per_s']:.0f} img/s  {record['epoch_time_s']:.1f}s")
+
+
+def _start_run_dir(run_dir: Path, job: TrainJob) -> None:
+    if (run_dir / "last.pth").exists():
+        raise KdcacheError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"student": job.student_name, "loss": job.loss.name, "loss_params": job.loss.params,
+              "recipe": job.recipe.to_dict(), "data": str(job.data_dir), **job.info}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (run_dir / "metrics.jsonl").write_text("")
+
+
+def _save(run_dir: Path, student: nn.Module, optimizer, job: TrainJob, epoch: int, best_top1: float,
+          history: list[dict[str, Any]], is_best: bool) -> None:
+    info = dict(model_name=job.student_name, num_classes=job.meta.num_classes,
+                dataset_fingerprint=job.meta.fingerprint, mean=list(job.meta.mean), std=list(job.meta.std),
+                epoch=epoch, best_top1=best_top1, test_top1=history[-1]["test_top1"], loss=job.loss.name)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(history[-1]) + "\n")
+    if is_best:
+        save_checkpoint(run_dir / "best.pth", student, **info)
+    save_checkpoint(run_dir / "last.pth", student, optimizer=optimizer.state_dict(), history=history, **info)
+
+
+def _restore(run_dir: Path, student: nn.Module, optimizer, device: torch.device):
+    path = run_dir / "last.pth"
+    if not path.exists():
+        raise KdcacheError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
+    ckpt = read_checkpoint(path)
+    student.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    history = list(ckpt.get("history", []))
+    # metrics.jsonl may hold epochs after the last checkpoint (a crash between the two writes).
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    best = max((r["test_top1"] for r in history), default=-1.0)
+    return int(ckpt["epoch"]), best, history

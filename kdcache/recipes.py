@@ -1,0 +1,95 @@
+"""Training recipes: the standard CIFAR recipe, overridable from YAML and the command line.
+
+Precedence, lowest first: the defaults below, per-student defaults (METHODS.md: LR 0.01
+for ShuffleNet and MobileNetV2 students), a YAML file, explicit command-line values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcache.errors import KdcacheError
+
+# Students the papers train with LR 0.01 instead of 0.05.
+LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
+
+
+@dataclass
+class Recipe:
+    """Everything that shapes a training run besides the model, data and loss."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # Epochs at which LR is multiplied by lr_decay_rate. None: 150/180/210 of 240,
+    # scaled to the run's length (so a short run keeps the same shape).
+    lr_decay_epochs: list[int] | None = None
+    lr_decay_rate: float = 0.1
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    channels_last: bool = True
+    loss_params: dict[str, Any] = field(default_factory=dict)
+
+    def decay_epochs(self) -> list[int]:
+        if self.lr_decay_epochs is not None:
+            return list(self.lr_decay_epochs)
+        return [max(1, round(self.epochs * m / 240)) for m in (150, 180, 210)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_recipe(student: str, config: Path | None = None, **overrides: Any) -> Recipe:
+    """Build the recipe for `student`: defaults, then `config` (YAML), then non-None overrides."""
+    recipe = Recipe()
+    if student in LOW_LR_STUDENTS:
+        recipe.lr = 0.01
+    values: dict[str, Any] = {}
+    if config is not None:
+        values.update(_read_yaml(config))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    for key, value in values.items():
+        if key not in known:
+            raise KdcacheError(f"unknown recipe key '{key}'; valid keys: {', '.join(sorted(known))}")
+        if key == "loss_params":
+            recipe.loss_params = {**recipe.loss_params, **value}
+        else:
+            setattr(recipe, key, value)
+    if recipe.precision not in ("fp32", "bf16"):
+        raise KdcacheError(f"precision must be fp32 or bf16, got '{recipe.precision}'")
+    if recipe.epochs < 1 or recipe.batch_size < 1:
+        raise KdcacheError("epochs and batch_size must be at least 1")
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise KdcacheError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise KdcacheError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KdcacheError(f"config {path} must be a mapping of recipe keys to values")
+    return data
+
+
+def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
+    """Parse `key=value` strings from the command line; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KdcacheError(f"expected key=value, got '{pair}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
