@@ -1,0 +1,140 @@
+"""`kdcache train`, `kdcache distill` and `kdcache eval`: thin wrappers over kdcache.distill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdcache.cli.app import app
+from kdcache.data import DatasetMeta
+from kdcache.distill import DistillConfig, build_job, distill
+from kdcache.engine import evaluate, fit, pick_device, prepare_model
+from kdcache.losses import list_losses
+from kdcache.models import create_model, list_models, load_weights
+from kdcache.paths import default_data_dir
+from kdcache.recipes import make_recipe, parse_key_values
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Dataset dir from `kdcache data prepare`.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run dir (config.json, metrics.jsonl, last.pth, best.pth). Default: runs/<model>-<loss>.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML recipe file; command-line values override it.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 240).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per process (default 64).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Base LR (default 0.05; 0.01 for MobileNetV2/ShuffleNet).")]
+WdOpt = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4).")]
+DecayOpt = Annotated[Optional[str], typer.Option("--lr-decay-epochs", help="Comma-separated epochs of x0.1 LR (default 150,180,210 scaled to --epochs).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the data order and initialisation (default 0).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast, CUDA only).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pth.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Loader backend: auto, memory or ffcv.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
+
+
+def _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision, loss_params=None):
+    decay = [int(e) for e in lr_decay_epochs.split(",")] if lr_decay_epochs else None
+    return make_recipe(student, config, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       lr_decay_epochs=decay, seed=seed, precision=precision, loss_params=loss_params)
+
+
+def _report(history: list[dict], out: Path) -> None:
+    if history:
+        last = history[-1]
+        typer.echo(f"done: {last['epoch']} epochs, test top-1 {last['test_top1']:.2f}% (best {last['best_top1']:.2f}%) -> {out}")
+
+
+@app.command("train")
+def train(
+    model: Annotated[str, typer.Option("--model", help=f"Model to train: {', '.join(list_models())}.")],
+    data: DataOpt = default_data_dir("cifar100"),
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WdOpt = None,
+    lr_decay_epochs: DecayOpt = None,
+    seed: SeedOpt = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    resume: ResumeOpt = False,
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model from scratch with cross-entropy on weak views (how you make a teacher).
+
+    Example: kdcache train --model resnet20 --data data/fmnist --epochs 2 --out runs/resnet20
+    """
+    recipe = _recipe(model, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision)
+    out = out or Path("runs") / f"{model}-ce"
+    history = distill(DistillConfig(student=model, loss="ce", data_dir=data, out=out, recipe=recipe, device=device,
+                                    backend=backend, show_progress=not quiet), resume=resume)
+    _report(history, out)
+
+
+@app.command("distill")
+def distill_cmd(
+    student: Annotated[str, typer.Option("--student", help="Student model name (see `kdcache train --help`).")],
+    loss: Annotated[str, typer.Option("--loss", help=f"Loss: {', '.join(list_losses())}.")] = "crld",
+    store: Annotated[Optional[Path], typer.Option("--store", help="Logit store (default: the one under KDCACHE_HOME made from --data).")] = None,
+    teacher_mode: Annotated[str, typer.Option("--teacher-mode", help="cached (from the store) or online (live teacher, the baseline).")] = "cached",
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model name (online mode).")] = None,
+    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Teacher checkpoint (online mode).")] = None,
+    loss_param: Annotated[Optional[list[str]], typer.Option("--loss-param", help="Loss hyperparameter override key=value, repeatable (e.g. T=2).")] = None,
+    data: DataOpt = default_data_dir("cifar100"),
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WdOpt = None,
+    lr_decay_epochs: DecayOpt = None,
+    seed: SeedOpt = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    resume: ResumeOpt = False,
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a student from cached teacher logits (or a live teacher with --teacher-mode online).
+
+    Example: kdcache distill --student resnet8x4 --loss crld --data data/cifar100 --out runs/r8x4-crld
+    """
+    recipe = _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision,
+                     parse_key_values(loss_param))
+    out = out or Path("runs") / f"{student}-{loss}-{teacher_mode}"
+    cfg = DistillConfig(student=student, loss=loss, data_dir=data, out=out, recipe=recipe, store=store,
+                        teacher_mode=teacher_mode, teacher=teacher, ckpt=ckpt, device=device, backend=backend,
+                        show_progress=not quiet)
+    job = build_job(cfg)
+    rounds = job.info.get("store_rounds")
+    if rounds is not None and recipe.epochs > rounds:
+        typer.echo(f"note: {recipe.epochs} epochs > {rounds} rounds in the store: epoch e uses round e mod {rounds}")
+    _report(fit(job, resume=resume), out)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", help="Model name.")],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint: kdcache, mdistiller ({'model': ...}), torchvision or a plain state dict.")],
+    data: DataOpt = default_data_dir("cifar100"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 256,
+    device: DeviceOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Evaluate a checkpoint on the test split: top-1, top-5, loss, images/s.
+
+    Example: kdcache eval --model resnet20 --ckpt runs/resnet20/best.pth --data data/fmnist
+    """
+    meta = DatasetMeta.load(data)
+    dev = pick_device(device)
+    net = create_model(model, meta.num_classes)
+    load_weights(net, ckpt)
+    result = evaluate(prepare_model(net, dev), data, meta, dev, batch_size=batch_size)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+                   f"{result['images_per_s']:.0f} img/s  ({meta.counts['test']} test images, {dev})")

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small real dataset (scikit-learn digits) and a briefly trained teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """sklearn digits (1438 train / 359 test), zero-padded to 16x16 RGB."""
+    from kdcache.data import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare_dataset("digits", out, size=16)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(digits_dir, tmp_path_factory) -> Path:
+    """A resnet8 trained for 5 epochs with CE on digits: confident enough for CRLD's masks."""
+    from kdcache.distill import DistillConfig, distill
+    from kdcache.recipes import make_recipe
+
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    recipe = make_recipe("resnet8", epochs=5, batch_size=64, lr=0.1, lr_decay_epochs=[4])
+    distill(DistillConfig(student="resnet8", loss="ce", data_dir=digits_dir, out=out, recipe=recipe,
+                          device="cpu", show_progress=False))
+    return out / "last.pth"
