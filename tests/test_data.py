@@ -187,6 +187,19 @@ def test_digits_split_is_deterministic(tmp_path):
     assert images.max() == 255
 
 
+def test_max_train_and_max_test_keep_the_first_samples(tmp_path):
+    full = prepare_dataset("digits", tmp_path / "full")
+    part = prepare_dataset("digits", tmp_path / "part", max_train=100, max_test=7)
+    assert part.counts == {"train": 100, "test": 7} and "first 100 train samples" in part.preprocessing
+    assert part.fingerprint != full.fingerprint
+    for split, n in (("train", 100), ("test", 7)):
+        a, la = images_hwc(tmp_path / "full", split)
+        b, lb = images_hwc(tmp_path / "part", split)
+        assert np.array_equal(a[:n], b) and np.array_equal(la[:n], lb)
+    with pytest.raises(KdcacheError, match="--max-train"):
+        prepare_dataset("digits", tmp_path / "bad", max_train=0)
+
+
 def test_npz_grayscale_and_class_names(tmp_path):
     arrays = write_npz(tmp_path / "a.npz", shape=(5, 7), class_names=np.array(["a", "b", "c", "d"]))
     meta = prepare_dataset("npz", tmp_path / "out", root=tmp_path / "a.npz")

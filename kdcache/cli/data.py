@@ -22,13 +22,16 @@ def prepare(
     size: Optional[int] = typer.Option(None, "--size", help="Square size: smaller images are zero-padded (centred), larger ones resized + centre-cropped."),
     jpeg: bool = typer.Option(False, "--jpeg", help="Store images JPEG-encoded (for large images) instead of raw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Keep only the first N training samples."),
+    max_test: Optional[int] = typer.Option(None, "--max-test", help="Keep only the first N test samples."),
 ) -> None:
     """Write a dataset as FFCV betons with fields image, label, index.
 
     Example: kdcache data prepare fashion-mnist --out data/fmnist --size 32
     """
     start = time.perf_counter()
-    meta = prepare_dataset(source, out, root=root, size=size, jpeg=jpeg, overwrite=overwrite)
+    meta = prepare_dataset(source, out, root=root, size=size, jpeg=jpeg, overwrite=overwrite,
+                           max_train=max_train, max_test=max_test)
     typer.echo(
         f"{meta.name}: train {meta.counts['train']}, test {meta.counts['test']}, "
         f"image {'x'.join(map(str, meta.image_shape))} {meta.image_encoding}, {meta.num_classes} classes, "

@@ -19,9 +19,11 @@ WRITER_WORKERS = min(2, os.cpu_count() or 1)  # the writer is I/O + memcpy bound
 
 
 def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = None, size: int | None = None,
-                    jpeg: bool = False, overwrite: bool = False) -> DatasetMeta:
+                    jpeg: bool = False, overwrite: bool = False, max_train: int | None = None,
+                    max_test: int | None = None) -> DatasetMeta:
     """Reads `source` (see `kdcache.data.sources`), brings images to 3 channels and `size`
     (see `kdcache.data.transform`), and writes the betons and meta.json into `out`.
+    `max_train` / `max_test` keep only the first N samples of a split (quick experiments).
 
     Everything is written into a temporary sibling directory that is renamed to `out` only
     once complete, so a failure never leaves a half-written dataset behind.
@@ -31,14 +33,21 @@ def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = N
         raise KdcacheError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     if size is not None and not 1 <= size <= 4096:
         raise KdcacheError(f"--size must be between 1 and 4096, got {size}")
+    limits = {"train": max_train, "test": max_test}
+    for name, limit in limits.items():
+        if limit is not None and limit < 1:
+            raise KdcacheError(f"--max-{name} must be at least 1, got {limit}")
     raw = read_source(source, Path(root) if root is not None else None, size)
 
     splits, steps = {}, set()
     for name in SPLITS:
         part = getattr(raw, name)
-        images, step = fit_to_size(part.images, size)
-        splits[name] = (images, part.labels)
+        keep = slice(0, limits[name])
+        images, step = fit_to_size(part.images[keep], size)
+        splits[name] = (images, part.labels[keep])
         steps.add(step)
+        if limits[name] is not None and limits[name] < len(part.labels):
+            steps.add(f"first {limits[name]} {name} samples")
     train_shape, test_shape = splits["train"][0].shape[1:], splits["test"][0].shape[1:]
     if train_shape != test_shape:
         raise KdcacheError(f"{source}: train images are {train_shape[:2]} but test images {test_shape[:2]}; pass --size N")
