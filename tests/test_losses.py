@@ -74,7 +74,9 @@ def ref_crld(zs_w, zs_s, zt_w, zt_s, y, T=4.0):
     return ce(zs_w, y) + ce(zs_s, y) + 2.0 * wv / len(y) + 0.5 * cv / len(y)
 
 
-def ref_cmkd(zs, zt, y, lam=2.0, T=4.0, eps=0.1):
+def ref_cmkd(zs, zt, y, lam=2.0, T=4.0, eps=0.1, d_T=1.0, t2="none"):
+    w_p = T * T if t2 in ("pearson", "both") else 1.0
+    w_s = T * T if t2 == "both" else 1.0
     terms = []
     for i in range(len(y)):
         ps, pt = softmax(zs[i] / T), softmax(zt[i] / T)
@@ -82,11 +84,11 @@ def ref_cmkd(zs, zt, y, lam=2.0, T=4.0, eps=0.1):
         n = len(zs[i])
         soft = [1 + sum(1 / (1 + math.exp(-(zs[i][a] - zs[i][b]) / scale))
                         for b in range(n) if b != a) for a in range(n)]
-        d = -sum(p * math.log(p) for p in pt) / math.log(n)
+        d = -sum(q * math.log(q) for q in softmax(zt[i] / d_T) if q > 0) / math.log(n)
         l_p = 1 - corr(ps, pt)
         l_s = 1 - corr(np.array(soft), tie_rank(zt[i]))
-        terms.append((1 - d) * l_p + d * l_s)
-    return ce(zs, y) + lam * T * T * np.mean(terms)
+        terms.append((1 - d) * w_p * l_p + d * w_s * l_s)
+    return ce(zs, y) + lam * np.mean(terms)
 
 
 # ---- helpers ------------------------------------------------------------------------
@@ -237,6 +239,29 @@ def test_cmkd_teacher_ties_use_average_ranks():
     assert_finite_grads(grads)
 
 
+@pytest.mark.parametrize("params", [dict(t2="pearson"), dict(t2="both", d_T=4.0),
+                                    dict(t2="none", d_T=2.0, T=2.0, lam=0.5)])
+def test_cmkd_t2_and_difficulty_temperature_options(params):
+    # t2="both", d_T=T is METHODS.md's formula; the default (t2="none", d_T=1) is kdcache's.
+    zs, zt, y = logits(B, C, seed=10), logits(B, C, seed=11), labels()
+    loss, parts, grads = run("cmkd", [zs], [zt], y, **params)
+    assert loss.item() == pytest.approx(ref_cmkd(np64(zs), np64(zt), y.numpy(), **params), rel=RTOL)
+    assert_finite_grads(grads)
+
+
+def test_cmkd_difficulty_uses_teacher_confidence_at_d_T():
+    zs, zt, y = logits(B, C, seed=10), logits(B, C, seed=11), labels()
+    d = {t: run("cmkd", [zs], [zt], y, d_T=t)[1]["difficulty"] for t in (1.0, 4.0)}
+    expected = np.mean([-sum(q * math.log(q) for q in softmax(z)) / math.log(C) for z in np64(zt)])
+    assert d[1.0] == pytest.approx(expected, rel=RTOL)
+    assert d[1.0] < d[4.0] < 1  # softening raises the entropy towards log C
+
+
+def test_cmkd_rejects_unknown_t2_mode():
+    with pytest.raises(KdcacheError, match="t2 must be one of none, pearson, both"):
+        get_loss("cmkd", t2="rank")
+
+
 def test_average_rank_ties():
     z = torch.tensor([[3.0, 1.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     expected = torch.tensor([[4.0, 1.0, 4.0, 2.0, 4.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
@@ -318,6 +343,8 @@ def test_defaults_and_overrides():
                                        "tau_w": 0.9, "tau_s": 0.2}
     assert get_loss("dkd", beta="6").params["beta"] == 6.0  # CLI strings are converted
     assert get_loss("cmkd", rank_chunk="64").params["rank_chunk"] == 64
+    assert get_loss("cmkd").params == {"ce_weight": 1.0, "lam": 2.0, "T": 4.0, "d_T": 1.0,
+                                       "t2": "none", "eps": 0.1, "rank_chunk": 128}
 
 
 def test_unknown_loss_is_a_user_error():
