@@ -145,6 +145,11 @@ class TrainJob:
     show_progress: bool = True
 
 
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD with momentum, weight decay on all parameters (the papers' recipe)."""
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
 def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> list[dict[str, Any]]:
     """Train `job.student` for `job.recipe.epochs` epochs; returns the metrics of every epoch.
 
@@ -155,8 +160,11 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
     ctx = init_distributed(device)
     torch.manual_seed(recipe.seed)
     student = prepare_model(job.student, device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(student, recipe)
+    loader = make_loader(job.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed, backend=job.backend,
+                         device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
+    if len(loader) == 0:
+        raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
     run_dir = Path(job.run_dir)
     start_epoch, best_top1, history = 0, -1.0, []
     if resume:
@@ -166,11 +174,6 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
     train_model: nn.Module = student
     if ctx.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-    loader = make_loader(job.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed, backend=job.backend,
-                         device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
-    if len(loader) == 0:
-        raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
     steps = 0
     try:
         for epoch in range(start_epoch, recipe.epochs):
@@ -184,7 +187,7 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, mininterval=1.0,
                        disable=not (job.show_progress and ctx.is_main), dynamic_ncols=True)
             for images, labels, indices in bar:
-                loss_value, parts, correct = _train_step(job, train_model, optimizer, round_, images, labels, indices, epoch)
+                loss_value, parts, correct = train_step(job, train_model, optimizer, round_, images, labels, indices, epoch)
                 stats.add(loss_value, parts, correct, labels.numel())
                 bar.set_postfix(loss=f"{stats.mean_loss:.3f}", acc=f"{stats.accuracy:.1f}", img_s=f"{stats.rate:.0f}",
                                 refresh=False)
@@ -212,7 +215,11 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
     return history
 
 
-def _train_step(job: TrainJob, model: nn.Module, optimizer, round_: int, images, labels, indices, epoch: int):
+def train_step(job: TrainJob, model: nn.Module, optimizer, round_: int, images, labels, indices, epoch: int):
+    """One optimisation step on a batch: replay each view, student and teacher logits, loss, SGD.
+
+    Returns (loss value, loss parts, number of correct training predictions).
+    """
     student_logits, teacher_logits = [], []
     with autocast(job.device, job.recipe.precision):
         for slot in job.loss.views:

@@ -102,20 +102,27 @@ def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
     bar = tqdm(total=len(todo), desc=f"precompute {path.name}", unit="slab", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     for round_, slot in todo:
-        start = time.perf_counter()
-        logits, seeds, correct = run_teacher_on_slab(teacher, replayer, loader, round_, slot, meta, cfg.precision)
-        elapsed = time.perf_counter() - start
-        encoding_error = measure_encoding(logits, store.encoding)
-        store.write_slab(round_, slot, logits, seeds, stats={
-            "teacher_top1": 100.0 * correct / meta.counts["train"],
-            "images_per_s": meta.counts["train"] / elapsed,
-            **{k: encoding_error[k] for k in ("max_abs_error", "mean_kl_t1", "mean_kl_t4")},
-        })
+        elapsed = compute_slab(store, teacher, replayer, loader, round_, slot, meta, cfg.precision)
         bar.update(1)
         bar.set_postfix(img_s=f"{meta.counts['train'] / elapsed:.0f}", round=round_, view=slot)
     bar.close()
     ctx.barrier()
     return store
+
+
+def compute_slab(store: LogitStore, teacher: nn.Module, replayer: ViewReplayer, loader, round_: int, slot: str,
+                 meta: DatasetMeta, precision: str) -> float:
+    """Compute, encode and write one slab (then mark it complete); returns the seconds it took."""
+    start = time.perf_counter()
+    logits, seeds, correct = run_teacher_on_slab(teacher, replayer, loader, round_, slot, meta, precision)
+    compute_s = time.perf_counter() - start
+    encoding_error = measure_encoding(logits, store.encoding)
+    store.write_slab(round_, slot, logits, seeds, stats={
+        "teacher_top1": 100.0 * correct / meta.counts["train"],
+        "images_per_s": meta.counts["train"] / compute_s,
+        **{k: encoding_error[k] for k in ("max_abs_error", "mean_kl_t1", "mean_kl_t4")},
+    })
+    return time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from kdcache.cli.app import app
 from kdcache.data import DatasetMeta
 from kdcache.distill import DistillConfig, build_job, distill
 from kdcache.engine import evaluate, fit, pick_device, prepare_model
+from kdcache.errors import KdcacheError
 from kdcache.losses import list_losses
 from kdcache.models import create_model, list_models, load_weights
 from kdcache.paths import default_data_dir
@@ -34,7 +35,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-
 
 
 def _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision, loss_params=None):
-    decay = [int(e) for e in lr_decay_epochs.split(",")] if lr_decay_epochs else None
+    try:
+        decay = [int(e) for e in lr_decay_epochs.split(",")] if lr_decay_epochs else None
+    except ValueError:
+        raise KdcacheError(f"--lr-decay-epochs takes comma-separated epochs like 150,180,210, got '{lr_decay_epochs}'") from None
     return make_recipe(student, config, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                        lr_decay_epochs=decay, seed=seed, precision=precision, loss_params=loss_params)
 
