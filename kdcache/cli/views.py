@@ -39,7 +39,10 @@ def show(
     scale: int = typer.Option(4, min=1, help="Upscale factor of the PNG."),
     out: Path = typer.Option(Path("views.png"), help="PNG file to write."),
 ) -> None:
-    """One row per sample: the image (identity view), then its views for consecutive rounds."""
+    """One row per sample: the image (identity view), then its views for consecutive rounds.
+
+    Example: kdcache views show --data data/fmnist --policy strong --index 0-7 --out views.png
+    """
     from kdcache.data import load_split
 
     images, _ = load_split(data, split)
