@@ -41,7 +41,7 @@ class DemoPlan:
 # Sized on the 2-core CPU machine: quick about 1 minute, default about 10, full is for a GPU.
 PLANS = {
     "quick": DemoPlan("quick", 2000, 1000, "resnet20", "resnet8", teacher_epochs=2, student_epochs=2),
-    "default": DemoPlan("default", 10000, 2000, "resnet20", "resnet8", teacher_epochs=4, student_epochs=4),
+    "default": DemoPlan("default", 8000, 2000, "resnet20", "resnet8", teacher_epochs=4, student_epochs=4),
     "full": DemoPlan("full", None, None, "resnet32x4", "resnet8x4", teacher_epochs=240, student_epochs=240,
                      teacher_lr=0.05, precision="bf16"),
 }

@@ -31,6 +31,7 @@ class DistillConfig:
     out: Path
     recipe: Recipe
     store: Path | None = None  # None: find the one store under KDCACHE_HOME made from this data
+    rounds: int | None = None  # use only the store's first N rounds (None: all of them)
     teacher_mode: str = "cached"  # cached | online
     teacher: str | None = None  # online mode
     ckpt: Path | None = None  # online mode
@@ -88,15 +89,17 @@ def build_job(cfg: DistillConfig) -> TrainJob:
     if loss.needs_teacher and (cfg.store is not None or cfg.teacher_mode == "cached"):
         store = LogitStore.open(cfg.store if cfg.store is not None else find_store(meta, loss.views))
         check_store(store, meta, loss.views)
-        info.update(store=str(store.path), store_rounds=store.rounds, teacher=store.identity["teacher"])
+        if cfg.rounds is not None and not 1 <= cfg.rounds <= store.rounds:
+            raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
+        info.update(store=str(store.path), store_rounds=cfg.rounds or store.rounds, teacher=store.identity["teacher"])
 
     if not loss.needs_teacher:
         teacher = None
         replayer = ViewReplayer.from_policy_names({v: v for v in loss.views}, recipe.seed, size, meta.mean, meta.std)
     elif cfg.teacher_mode == "cached":
-        if not set(store.complete_slabs()) >= {(r, v) for r in range(store.rounds) for v in loss.views}:
+        if not set(store.complete_slabs()) >= {(r, v) for r in range(info["store_rounds"]) for v in loss.views}:
             raise KdcacheError(f"store {store.path} is incomplete; finish it with `kdcache precompute` (it resumes)")
-        teacher = CachedTeacher(store, list(loss.views), recipe.epochs)
+        teacher = CachedTeacher(store, list(loss.views), recipe.epochs, rounds=info["store_rounds"])
         replayer = replayer_for(store)
     elif cfg.teacher_mode == "online":
         if cfg.teacher is None or cfg.ckpt is None:
@@ -104,7 +107,7 @@ def build_job(cfg: DistillConfig) -> TrainJob:
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes)
         if store is not None:
             # Same keys as the store: the online run sees exactly the cached run's views.
-            teacher = OnlineTeacher(prepare_model(model, device), rounds=store.rounds)
+            teacher = OnlineTeacher(prepare_model(model, device), rounds=info["store_rounds"])
             replayer = replayer_for(store)
         else:
             teacher = OnlineTeacher(prepare_model(model, device))

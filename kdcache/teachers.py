@@ -16,10 +16,10 @@ from kdcache.storage import LogitStore, SlabPrefetcher
 class CachedTeacher:
     """Teacher logits from a store; slabs of the next round load in the background."""
 
-    def __init__(self, store: LogitStore, slots: list[str], epochs: int):
+    def __init__(self, store: LogitStore, slots: list[str], epochs: int, rounds: int | None = None):
         self.store = store
         self.slots = list(slots)
-        self.rounds = store.rounds
+        self.rounds = rounds or store.rounds  # a student may use only the store's first rounds
         self.epochs = epochs
         self._prefetcher: SlabPrefetcher | None = None
         self._slabs: dict[str, torch.Tensor] = {}

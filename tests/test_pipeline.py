@@ -241,6 +241,12 @@ def test_kd_student_cycles_rounds_when_epochs_exceed_them(digits_dir, crld_store
     history = fit(build_job(cfg))
     assert [r["round"] for r in history] == [0, 1, 0]
     assert all(np.isfinite(r["train_loss"]) and r["train_kd"] > 0 for r in history)
+    cfg.rounds, cfg.out, cfg.recipe = 1, tmp_path / "kd1", make_recipe("resnet8", epochs=2, batch_size=128)
+    job = build_job(cfg)
+    assert job.info["store_rounds"] == 1 and [r["round"] for r in fit(job)] == [0, 0]
+    cfg.rounds = 3
+    with pytest.raises(KdcacheError, match="--rounds must be between 1 and the store's 2 rounds"):
+        build_job(cfg)
 
 
 def test_distill_rejects_a_store_from_other_data_or_without_the_views(digits_dir, teacher_ckpt, crld_store, tmp_path):

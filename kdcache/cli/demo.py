@@ -24,7 +24,7 @@ def demo_cmd(
     """Train a teacher, cache its logits once, distil students with crld, cmkd and kd from the
     cache (plus an online crld run and a CE baseline), and print a comparison table.
 
-    The default (about 10 minutes on 2 CPU cores) uses 10000 Fashion-MNIST training images
+    The default (about 10 minutes on 2 CPU cores) uses 8000 Fashion-MNIST training images
     padded to 32x32; a teacher and store from an earlier run are reused.
 
     Example: kdcache demo --quick

@@ -27,7 +27,7 @@ def precompute_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Store path (default: content-addressed under $KDCACHE_HOME/stores, where distill finds it).")] = None,
     encoding: Annotated[str, typer.Option("--encoding", help=f"Logit encoding: {', '.join(list_encodings())}.")] = "float16",
     seed: Annotated[int, typer.Option("--seed", help="Store seed: the first part of every view key.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Teacher batch size.")] = 512,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Teacher batch size (default: 256 on CPU, 1024 on CUDA).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (CUDA).")] = "fp32",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store made with other settings.")] = False,

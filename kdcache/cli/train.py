@@ -86,6 +86,7 @@ def distill_cmd(
     teacher_mode: Annotated[str, typer.Option("--teacher-mode", help="cached (from the store) or online (live teacher, the baseline).")] = "cached",
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model name (online mode).")] = None,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Teacher checkpoint (online mode).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Use only the store's first N rounds (epoch e uses round e mod N).")] = None,
     loss_param: Annotated[Optional[list[str]], typer.Option("--loss-param", help="Loss hyperparameter override key=value, repeatable (e.g. T=2).")] = None,
     data: DataOpt = default_data_dir("cifar100"),
     out: OutOpt = None,
@@ -109,7 +110,7 @@ def distill_cmd(
     recipe = _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision,
                      parse_key_values(loss_param))
     out = out or Path("runs") / f"{student}-{loss}-{teacher_mode}"
-    cfg = DistillConfig(student=student, loss=loss, data_dir=data, out=out, recipe=recipe, store=store,
+    cfg = DistillConfig(student=student, loss=loss, data_dir=data, out=out, recipe=recipe, store=store, rounds=rounds,
                         teacher_mode=teacher_mode, teacher=teacher, ckpt=ckpt, device=device, backend=backend,
                         show_progress=not quiet)
     job = build_job(cfg)
