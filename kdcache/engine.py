@@ -274,6 +274,7 @@ class _EpochStats:
             dist.all_reduce(totals)
         loss_sum, correct, seen, batches = totals.tolist()
         out = {"train_loss": loss_sum / max(batches, 1), "train_top1": 100.0 * correct / max(seen, 1),
+               "train_samples": int(seen),
                "epoch_time_s": elapsed, "train_images_per_s": seen / max(elapsed, 1e-9)}
         out.update({f"train_{k}": v / max(self.batches, 1) for k, v in self.parts.items()})
         return out

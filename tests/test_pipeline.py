@@ -278,3 +278,21 @@ def test_distill_finds_the_default_store(digits_dir, teacher_ckpt, tmp_path, mon
     precompute(precompute_cfg(digits_dir, teacher_ckpt, None, rounds=1, seed=5), progress=False)
     with pytest.raises(KdcacheError, match="several stores"):
         build_job(cfg)
+
+
+def test_two_process_distill_trains_on_disjoint_shards(digits_dir, crld_store, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
+                "-m", "kdcache.cli"]
+    args = ["distill", "--student", "resnet8", "--loss", "kd", "--store", str(crld_store.path), "--data", str(digits_dir),
+            "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path / "ddp"), "--quiet"]
+    result = subprocess.run([*torchrun, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # rank 0 alone writes
+    import json
+
+    record = json.loads(lines[0])
+    # Each of the 2 ranks runs 1438 // 2 // 64 = 11 steps of 64: the epoch covers 1408 samples.
+    assert record["train_samples"] == 2 * (1438 // 2 // 64) * 64
+    assert record["train_images_per_s"] > 0 and 0.0 <= record["test_top1"] <= 100.0
+    assert read_checkpoint(tmp_path / "ddp" / "last.pth")["epoch"] == 1
