@@ -15,7 +15,7 @@ from kdcache.paths import default_data_dir, home
 
 @app.command("demo")
 def demo_cmd(
-    quick: Annotated[bool, typer.Option("--quick", help="About 1 minute on 2 CPU cores: tiny subset, 2 epochs.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="About 1.3 minutes on 2 CPU cores: 2000 images, 2 epochs.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Close to the papers' recipe (resnet32x4 -> resnet8x4, 240 epochs, bf16): for a GPU. Uses CIFAR-100 when prepared in the default data dir.")] = False,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where data, teacher, store and runs go (default: $KDCACHE_HOME/demo).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Use this prepared dataset instead of Fashion-MNIST.")] = None,
@@ -24,7 +24,7 @@ def demo_cmd(
     """Train a teacher, cache its logits once, distil students with crld, cmkd and kd from the
     cache (plus an online crld run and a CE baseline), and print a comparison table.
 
-    The default (about 10 minutes on 2 CPU cores) uses 8000 Fashion-MNIST training images
+    The default (about 11 minutes on 2 CPU cores) uses 8000 Fashion-MNIST training images
     padded to 32x32; a teacher and store from an earlier run are reused.
 
     Example: kdcache demo --quick
