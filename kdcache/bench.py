@@ -90,8 +90,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
         result["precompute"], result["encodings"] = _bench_precompute(cfg, meta, data_dir, ckpt, work / "store",
                                                                       device, echo)
         result["training"] = _bench_training(cfg, meta, data_dir, ckpt, work / "store", device, echo)
-    steps = {f"{loss}/{mode}": r["steps_per_s"] for loss, mode, r in
-             ((r["loss"], r["mode"], r) for r in result["training"])}
+    steps = {f"{r['loss']}/{r['mode']}": r["steps_per_s"] for r in result["training"]}
     result["ratios"] = {
         "cached_crld_vs_online_crld": steps["crld/cached"] / steps["crld/online"],
         "cached_kd_vs_online_kd": steps["kd/cached"] / steps["kd/online"],
@@ -114,30 +113,28 @@ def _bench_precompute(cfg, meta, data_dir, ckpt, store_path, device, echo):
     teacher = prepare_model(load_teacher(cfg.teacher, ckpt, meta.num_classes), device)
     loader = make_loader(data_dir, "train", cfg.precompute_batch_size, shuffle=False, device=device)
 
-    def plain_inference() -> None:
+    def plain_inference() -> float:
+        """Seconds for teacher(normalize(x)) over every batch of the slab."""
+        start = time.perf_counter()
         with torch.no_grad(), autocast(device, cfg.precision):
             for images, _, _ in loader:
                 teacher(to_model_input(normalize(images, meta.mean, meta.std))).float().cpu()
         _sync(device)
-
-    def timed_plain_inference() -> float:
-        start = time.perf_counter()
-        plain_inference()
         return time.perf_counter() - start
 
     plain_inference()  # warm-up: kernels, loader, allocator
-    before = timed_plain_inference()
+    before = plain_inference()
     replayer = replayer_for(store)
     seconds = sum(compute_slab(store, teacher, replayer, loader, 0, slot, meta, cfg.precision) for slot in store.views)
     # Plain inference before and after precompute, averaged, so drifting machine load cancels.
-    plain = 2 * meta.counts["train"] / (before + timed_plain_inference())
+    plain = 2 * meta.counts["train"] / (before + plain_inference())
     cached = len(store.views) * meta.counts["train"] / seconds
     echo(f"precompute {cached:.0f} img/s vs plain inference {plain:.0f} img/s ({cached / plain:.2f}x)")
-    encodings = _bench_encodings(store, teacher, loader, device)
+    encodings = _bench_encodings(store, teacher, loader)
     return {"precompute_images_per_s": cached, "plain_inference_images_per_s": plain}, encodings
 
 
-def _bench_encodings(store: LogitStore, teacher, loader, device) -> list[dict[str, Any]]:
+def _bench_encodings(store: LogitStore, teacher, loader) -> list[dict[str, Any]]:
     """Bytes per view-sample and reconstruction error of each encoding, on float32 teacher
     logits of the store's first slab views (one loader batch)."""
     replayer = replayer_for(store)

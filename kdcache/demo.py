@@ -20,7 +20,6 @@ from kdcache.engine import pick_device
 from kdcache.models import read_checkpoint
 from kdcache.precompute import PrecomputeConfig, precompute
 from kdcache.recipes import make_recipe
-from kdcache.storage import LogitStore
 
 
 @dataclass(frozen=True)

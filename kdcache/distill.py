@@ -83,7 +83,6 @@ def build_job(cfg: DistillConfig) -> TrainJob:
     device = pick_device(cfg.device)
     torch.manual_seed(recipe.seed)  # the student's initial weights
     student = create_model(cfg.student, meta.num_classes)
-    size = meta.image_shape[-1]
     info: dict[str, Any] = {"teacher_mode": cfg.teacher_mode if loss.needs_teacher else "none"}
     store = None
     if loss.needs_teacher and (cfg.store is not None or cfg.teacher_mode == "cached"):
@@ -93,25 +92,23 @@ def build_job(cfg: DistillConfig) -> TrainJob:
             raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
         info.update(store=str(store.path), store_rounds=cfg.rounds or store.rounds, teacher=store.identity["teacher"])
 
+    # With a store, its keys: an online run then sees exactly the cached run's views.
+    if store is not None:
+        replayer = replayer_for(store)
+    else:
+        replayer = ViewReplayer.from_policy_names({v: v for v in loss.views}, recipe.seed, meta.image_shape[-1],
+                                                  meta.mean, meta.std)
     if not loss.needs_teacher:
         teacher = None
-        replayer = ViewReplayer.from_policy_names({v: v for v in loss.views}, recipe.seed, size, meta.mean, meta.std)
     elif cfg.teacher_mode == "cached":
         if not set(store.complete_slabs()) >= {(r, v) for r in range(info["store_rounds"]) for v in loss.views}:
             raise KdcacheError(f"store {store.path} is incomplete; finish it with `kdcache precompute` (it resumes)")
         teacher = CachedTeacher(store, list(loss.views), recipe.epochs, rounds=info["store_rounds"])
-        replayer = replayer_for(store)
     elif cfg.teacher_mode == "online":
         if cfg.teacher is None or cfg.ckpt is None:
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes)
-        if store is not None:
-            # Same keys as the store: the online run sees exactly the cached run's views.
-            teacher = OnlineTeacher(prepare_model(model, device), rounds=info["store_rounds"])
-            replayer = replayer_for(store)
-        else:
-            teacher = OnlineTeacher(prepare_model(model, device))
-            replayer = ViewReplayer.from_policy_names({v: v for v in loss.views}, recipe.seed, size, meta.mean, meta.std)
+        teacher = OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
         info["teacher"] = cfg.teacher
     else:
         raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
@@ -120,6 +117,6 @@ def build_job(cfg: DistillConfig) -> TrainJob:
                     info=info, backend=cfg.backend, show_progress=cfg.show_progress)
 
 
-def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> list[dict[str, Any]]:
+def distill(cfg: DistillConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train `cfg.student` and return its per-epoch metrics (see `engine.fit`)."""
-    return fit(build_job(cfg), resume=resume, max_steps=max_steps)
+    return fit(build_job(cfg), resume=resume)

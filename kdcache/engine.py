@@ -150,15 +150,14 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
-def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> list[dict[str, Any]]:
+def fit(job: TrainJob, resume: bool = False) -> list[dict[str, Any]]:
     """Train `job.student` for `job.recipe.epochs` epochs; returns the metrics of every epoch.
 
     Writes `config.json`, `metrics.jsonl`, `last.pth` and `best.pth` to `job.run_dir`. With
-    `resume`, continues from `last.pth`. `max_steps` stops early (benchmarks, tests).
+    `resume`, continues from `last.pth`.
     """
     recipe, device = job.recipe, job.device
     ctx = init_distributed(device)
-    torch.manual_seed(recipe.seed)
     student = prepare_model(job.student, device)
     optimizer = make_optimizer(student, recipe)
     loader = make_loader(job.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed, backend=job.backend,
@@ -168,13 +167,12 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
     run_dir = Path(job.run_dir)
     start_epoch, best_top1, history = 0, -1.0, []
     if resume:
-        start_epoch, best_top1, history = _restore(run_dir, student, optimizer, device)
+        start_epoch, best_top1, history = _restore(run_dir, student, optimizer)
     elif ctx.is_main:
         _start_run_dir(run_dir, job)
     train_model: nn.Module = student
     if ctx.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    steps = 0
     try:
         for epoch in range(start_epoch, recipe.epochs):
             round_ = job.teacher.begin_epoch(epoch) if job.teacher is not None else epoch
@@ -191,9 +189,6 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
                 stats.add(loss_value, parts, correct, labels.numel())
                 bar.set_postfix(loss=f"{stats.mean_loss:.3f}", acc=f"{stats.accuracy:.1f}", img_s=f"{stats.rate:.0f}",
                                 refresh=False)
-                steps += 1
-                if max_steps is not None and steps >= max_steps:
-                    break
             bar.close()
             record = {"epoch": epoch + 1, "round": round_, "lr": lr, **stats.summary(ctx)}
             if ctx.is_main:
@@ -207,8 +202,6 @@ def fit(job: TrainJob, resume: bool = False, max_steps: int | None = None) -> li
                 if job.show_progress:
                     tqdm.write(_format_record(record))
             ctx.barrier()
-            if max_steps is not None and steps >= max_steps:
-                break
     finally:
         if job.teacher is not None:
             job.teacher.close()
@@ -308,7 +301,7 @@ def _save(run_dir: Path, student: nn.Module, optimizer, job: TrainJob, epoch: in
     save_checkpoint(run_dir / "last.pth", student, optimizer=optimizer.state_dict(), history=history, **info)
 
 
-def _restore(run_dir: Path, student: nn.Module, optimizer, device: torch.device):
+def _restore(run_dir: Path, student: nn.Module, optimizer):
     path = run_dir / "last.pth"
     if not path.exists():
         raise KdcacheError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
