@@ -1,6 +1,9 @@
-"""The logit store: encodings, resume/identity rules, markers under concurrency, prefetch."""
+"""The logit store: encodings, resume/identity rules, damage detection, locks, markers
+under concurrency, prefetch."""
 
+import json
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -9,6 +12,7 @@ import torch
 import zarr
 
 from kdcache.errors import KdcacheError
+from kdcache.locks import FileLock
 from kdcache.storage import (
     STORE_FORMAT_VERSION,
     LogitStore,
@@ -226,6 +230,147 @@ def test_plain_zarr_reads_a_slab(tmp_path):
     assert slab.attrs["complete"] is True and root.attrs["identity"]["encoding"] == "float16"
     assert np.array_equal(slab["logits"][:], logits.half().numpy())
     assert np.array_equal(slab["seeds"][:], seeds.numpy().view(np.uint64))
+
+
+# ---- validation before writing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoding": "topk:10"}, r"topk:10 needs k < the number of classes \(10\)"),
+        ({"encoding": "topk:0"}, "topk needs k >= 1"),
+        ({"encoding": "topk:x"}, "unknown encoding"),
+        ({"views": ["weak", "weak"]}, "distinct names"),
+        ({"views": ["../x"]}, "distinct names"),
+        ({"views": ["zarr.json"]}, "distinct names"),
+        ({"views": []}, "distinct names"),
+        ({"views": [f"v{i}" for i in range(65)]}, "1 to 64"),
+        ({"rounds": 0}, "rounds <= 100000"),
+        ({"rounds": 10**12}, "rounds <= 100000"),
+        ({"num_classes": 1}, "num_classes >= 2"),
+    ],
+)
+def test_create_checks_everything_before_writing(tmp_path, change, message):
+    with pytest.raises(KdcacheError, match=message):
+        create(tmp_path / "s", **change)
+    assert not (tmp_path / "s").exists()
+
+
+def test_rounds_never_shrink(tmp_path):
+    create(tmp_path / "s", rounds=3)
+    assert create(tmp_path / "s", rounds=1).rounds == 3
+    assert LogitStore.open(tmp_path / "s").rounds == 3
+    assert create(tmp_path / "s", rounds=5).rounds == 5
+
+
+# ---- damage --------------------------------------------------------------------------
+
+
+def chunk_file(store, round=0, view="weak", array="logits"):
+    folder = store.path / slab_path(round, view)
+    return folder / next(name for name in json.loads((folder / "zarr.json").read_text())["attributes"]["chunks"]
+                         if name.startswith(array + "/"))
+
+
+def garble(path):
+    """Same size, other bytes: only the chunk's checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    # name: (array, how, seen by the quick size check, words of the reason)
+    "chunk deleted": ("logits", lambda p: p.unlink(), True, "is missing"),
+    "chunk truncated": ("logits", lambda p: p.write_bytes(p.read_bytes()[:-5]), True, "bytes, .* were written"),
+    "chunk emptied": ("logits", lambda p: p.write_bytes(b""), True, "has 0 bytes"),
+    "chunk garbled": ("logits", garble, False, "checksum"),
+    "seeds garbled": ("seeds", garble, False, "checksum"),
+}
+
+
+@pytest.mark.parametrize("array, how, quick, reason", DAMAGE.values(), ids=DAMAGE.keys())
+def test_damaged_slab_is_detected_and_rewritten(tmp_path, array, how, quick, reason):
+    store = create(tmp_path / "s")
+    logits, seeds = write(store, 0, "weak")
+    write(store, 1, "weak")
+    how(chunk_file(store, array=array))
+    assert store.is_complete(0, "weak") is not quick
+    assert not store.is_complete(0, "weak", deep=True)
+    assert [(r, v) for r, v, _ in store.damaged_slabs(deep=True)] == [(0, "weak")]
+    assert store.is_complete(1, "weak", deep=True)
+    read = store.seeds if array == "seeds" else store.slab
+    with pytest.raises(KdcacheError, match=rf"slab \(round 0, view 'weak'\) of .* is damaged \(.*{reason}.*\); "
+                                           "rerun precompute"):
+        read(0, "weak")
+    info = store.info(deep=True)
+    assert info["complete_slabs"] == 1 and [d["view"] for d in info["damaged_slabs"]] == ["weak"]
+    assert info["incomplete_slabs"] == 4
+    # Precompute rewrites what its deep check finds damaged.
+    store.write_slab(0, "weak", logits, seeds, {})
+    assert torch.equal(LogitStore.open(tmp_path / "s").slab(0, "weak"), logits.half().float())
+    assert store.damaged_slabs(deep=True) == []
+
+
+def test_all_zero_chunks_are_written_and_read(tmp_path):
+    store = create(tmp_path / "s")
+    store.write_slab(0, "weak", torch.zeros(64, 10), torch.zeros(64, dtype=torch.int64), {})
+    assert store.is_complete(0, "weak", deep=True)
+    assert torch.equal(store.slab(0, "weak"), torch.zeros(64, 10))
+
+
+def test_damaged_metadata_is_one_line_error(tmp_path):
+    store = create(tmp_path / "s")
+    write(store, 0, "weak")
+    write(store, 0, "strong")
+    (tmp_path / "s" / slab_path(0, "weak") / "zarr.json").write_text("{garbage")
+    (tmp_path / "s" / slab_path(0, "strong") / "logits" / "zarr.json").write_text("{garbage")
+    store = LogitStore.open(tmp_path / "s")
+    assert store.damaged_slabs() == [(0, "weak", store.damaged_slabs()[0][2])]
+    assert "zarr.json is unreadable" in store.damaged_slabs()[0][2]
+    with pytest.raises(KdcacheError, match="view 'weak'.* is damaged"):
+        store.slab(0, "weak")
+    with pytest.raises(KdcacheError, match="view 'strong'.* is damaged.*JSONDecodeError"):
+        store.slab(0, "strong")
+    assert [key[:2] for key in store.damaged_slabs(deep=True)] == [(0, "weak"), (0, "strong")]
+    (tmp_path / "s" / "zarr.json").write_text("{garbage")
+    with pytest.raises(KdcacheError, match="zarr.json is unreadable.*delete it and rerun precompute"):
+        LogitStore.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("kdcache_store_format", 1, "format 1, without the chunk checksums.*--overwrite"),
+    ("kdcache_store_format", "2", "damaged root attribute 'kdcache_store_format'"),
+    ("num_samples", "64", "damaged root attribute 'num_samples'"),
+    ("identity", {"encoding": "bf8"}, "unknown encoding 'bf8'"),
+    ("views", None, "damaged root attribute 'views'"),
+])
+def test_old_or_damaged_root_attributes_are_refused(tmp_path, key, value, message):
+    create(tmp_path / "s")
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({key: value})
+    with pytest.raises(KdcacheError, match=message):
+        LogitStore.open(tmp_path / "s")
+    assert create(tmp_path / "s", overwrite=True).complete_slabs() == []
+
+
+# ---- locks ---------------------------------------------------------------------------
+
+
+def test_overwrite_is_refused_while_a_slab_is_locked(tmp_path):
+    store = create(tmp_path / "s")
+    lock = store.slab_lock(1, "strong")
+    assert lock.path == tmp_path / "s" / "locks" / "r00001-strong.lock"
+    assert lock.try_acquire()
+    try:
+        assert not FileLock(lock.path).try_acquire()  # flock: a second open file conflicts
+        with pytest.raises(KdcacheError, match=rf"refusing to overwrite .*pid {os.getpid()}"):
+            create(tmp_path / "s", overwrite=True)
+    finally:
+        lock.release()
+    write(store, 0, "weak")  # the locks folder is no zarr node: reading and writing ignore it
+    assert store.is_complete(0, "weak", deep=True)
+    assert create(tmp_path / "s", overwrite=True).complete_slabs() == []
 
 
 # ---- concurrency ---------------------------------------------------------------------

@@ -22,6 +22,10 @@ class Encoding:
     """Base class: `encode`, `decode` and the exact uncompressed size of one row."""
 
     name: str
+    array_names: tuple[str, ...]  # what `encode` returns and `decode` needs
+
+    def check(self, num_classes: int) -> None:
+        """Raise KdcacheError if this encoding cannot store `num_classes` classes."""
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -37,6 +41,7 @@ class Float16Encoding(Encoding):
     """Dense float16: error at most half a float16 ulp (relative 2**-11)."""
 
     name = "float16"
+    array_names = ("logits",)
 
     def encode(self, logits):
         peak = float(np.abs(logits).max(initial=0.0))
@@ -61,6 +66,7 @@ class Int8Encoding(Encoding):
     """
 
     name = "int8"
+    array_names = ("logits", "scale", "offset")
 
     def encode(self, logits):
         low = logits.min(axis=1)
@@ -86,21 +92,26 @@ class TopKEncoding(Encoding):
     temperatures the tail mass is approximate. The tail never exceeds the k-th logit.
     """
 
+    array_names = ("logits", "indices", "tail")
+
     def __init__(self, k: int):
         if k < 1:
             raise KdcacheError(f"topk needs k >= 1, got {k}; use e.g. --encoding topk:10")
         self.k = k
         self.name = f"topk:{k}"
 
+    def check(self, num_classes):
+        if self.k >= num_classes:
+            raise KdcacheError(
+                f"encoding {self.name} needs k < the number of classes ({num_classes}); pick a smaller k"
+            )
+
     def _index_dtype(self, num_classes):
         return np.uint16 if num_classes <= 2**16 else np.int32
 
     def encode(self, logits):
         num_classes = logits.shape[1]
-        if self.k >= num_classes:
-            raise KdcacheError(
-                f"encoding {self.name} needs k < num_classes ({num_classes}); pick a smaller k"
-            )
+        self.check(num_classes)
         top = np.argpartition(-logits, self.k - 1, axis=1)[:, : self.k]
         values = np.take_along_axis(logits, top, axis=1)
         rest = logits.astype(np.float64)
@@ -136,7 +147,7 @@ def get_encoding(name: str) -> Encoding:
         return Int8Encoding()
     if name == "topk":
         return TopKEncoding(DEFAULT_TOPK)
-    if name.startswith("topk:") and name[5:].isdigit():
+    if isinstance(name, str) and name.startswith("topk:") and name[5:].isascii() and name[5:].isdigit():
         return TopKEncoding(int(name[5:]))
     raise KdcacheError(f"unknown encoding {name!r}; choose one of {', '.join(list_encodings())}")
 

@@ -4,7 +4,9 @@ Layout and attributes are documented in docs/store-format.md. The rule readers r
 a slab exists only once its own group `slabs/rNNNNN/VIEW` has the attribute
 `complete: true`, which its one writer sets after all of its arrays are written. Each
 marker lives in its own small file, so writers completing different slabs never race
-on a shared attribute.
+on a shared attribute. The marker also lists the slab's chunk files and their sizes, and
+every chunk carries a crc32c, so a deleted, truncated or garbled chunk is reported as a
+damaged slab instead of being read as zeros.
 """
 
 from __future__ import annotations
@@ -13,23 +15,31 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
+from kdcache.locks import FileLock
 from kdcache.storage.encodings import get_encoding, logit_errors, measure_encoding
 
-STORE_FORMAT_VERSION = 1
+# 2: crc32c on every chunk, every chunk written, chunk files listed in the marker.
+STORE_FORMAT_VERSION = 2
 FORMAT_KEY = "kdcache_store_format"
 SEED_BYTES = 8
 # Target size of one chunk: a CIFAR-100 float16 slab (10 MB) is 3 chunks.
 CHUNK_BYTES = 4 * 2**20
+# Slab paths have five round digits; one round per student epoch needs far fewer.
+MAX_ROUNDS = 100_000
+MAX_VIEWS = 64
+_VIEW_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LOCKS_DIR = "locks"
 _MISSING = "<absent>"
 _NOT_A_GROUP = (
     FileNotFoundError,
@@ -37,11 +47,19 @@ _NOT_A_GROUP = (
     zarr.errors.GroupNotFoundError,
     zarr.errors.ContainsArrayError,
 )
+# What reading a damaged file raises: checksum and JSON errors are ValueErrors, a
+# missing file an OSError or KeyError, metadata of the wrong shape a TypeError.
+_READ_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 
 def slab_path(round: int, view: str) -> str:
     """Group path of one slab inside the store."""
     return f"slabs/r{round:05d}/{view}"
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_root_attrs(path: Path) -> dict | None:
@@ -50,8 +68,51 @@ def _read_root_attrs(path: Path) -> dict | None:
         root = zarr.open_group(path, mode="r", zarr_format=3)
     except _NOT_A_GROUP:
         return None
+    except _READ_ERRORS as err:
+        raise KdcacheError(
+            f"{path / 'zarr.json'} is unreadable ({_one_line(err)}); if {path} is a logit store it is "
+            "damaged: delete it and rerun precompute"
+        ) from None
     attrs = dict(root.attrs)
     return attrs if FORMAT_KEY in attrs else None
+
+
+# Root attributes a reader relies on, with their types.
+_ROOT_TYPES = {FORMAT_KEY: int, "kdcache_version": str, "created": str, "identity": dict, "num_samples": int,
+               "num_classes": int, "rounds": int, "views": list, "attrs": dict}
+
+
+def _check_root_attrs(path: Path, attrs: dict) -> None:
+    """Refuse stores of another format version, or whose root attributes are damaged."""
+    version = attrs.get(FORMAT_KEY)
+    if isinstance(version, int) and version != STORE_FORMAT_VERSION:
+        if version > STORE_FORMAT_VERSION:
+            raise KdcacheError(
+                f"{path} has store format {version}, newer than this kdcache "
+                f"({__version__}) reads ({STORE_FORMAT_VERSION}); upgrade kdcache"
+            )
+        raise KdcacheError(
+            f"{path} has store format {version}, without the chunk checksums this kdcache "
+            f"({__version__}) needs; recreate it: rerun precompute with --overwrite"
+        )
+    for key, kind in _ROOT_TYPES.items():
+        if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
+            raise KdcacheError(
+                f"{path} has a damaged root attribute {key!r} ({_short(attrs.get(key))}); "
+                "recreate the store: rerun precompute with --overwrite"
+            )
+    get_encoding(attrs["identity"].get("encoding"))
+
+
+def check_views(views: list[str]) -> None:
+    """View slot names become directory names: keep them short, plain and distinct."""
+    if not views or len(views) > MAX_VIEWS or len(set(views)) != len(views) or not all(
+        isinstance(v, str) and _VIEW_NAME.fullmatch(v) for v in views
+    ):
+        raise KdcacheError(
+            f"views must be 1 to {MAX_VIEWS} distinct names of letters, digits, '_' or '-' "
+            f"(at most 64 characters), got {_short(views)}"
+        )
 
 
 def _as_json(value, what: str):
@@ -103,18 +164,38 @@ def _size_on_disk(path: Path) -> int:
     )
 
 
+def _chunk_files(folder: Path) -> dict[str, int]:
+    """Size of every chunk file of a slab, by its path relative to the slab group."""
+    return {
+        file.relative_to(folder).as_posix(): file.stat().st_size
+        for file in sorted(folder.rglob("*"))
+        if file.is_file() and file.name != "zarr.json"
+    }
+
+
+def _refuse_if_locked(path: Path) -> None:
+    """Refuse to delete a store while another process writes one of its slabs."""
+    for file in sorted((path / LOCKS_DIR).glob("*.lock")):
+        lock = FileLock(file)
+        if not lock.try_acquire():
+            raise KdcacheError(
+                f"refusing to overwrite {path}: another kdcache process (pid {lock.holder()}) is "
+                "writing it; wait for it to finish"
+            )
+        lock.release()
+
+
 class LogitStore:
     """Teacher logits for `rounds` x `views` slabs of `num_samples` x `num_classes`."""
 
     def __init__(self, path: Path, root: zarr.Group, writable: bool):
         attrs = dict(root.attrs)
+        _check_root_attrs(path, attrs)
         self._path = path
         self._root = root
         self._writable = writable
         self._attrs = attrs
         self._encoding = get_encoding(attrs["identity"]["encoding"])
-        # Markers never go back to incomplete, so a complete slab need not be re-read.
-        self._complete: set[tuple[int, str]] = set()
 
     # ---- creating and opening -------------------------------------------------------
 
@@ -134,9 +215,10 @@ class LogitStore:
     ) -> LogitStore:
         """Create a store, or open the existing one at `path` to resume it.
 
-        Resuming needs the same identity, sample count, class count, views and encoding;
-        `rounds` and `attrs` may change (they are updated). Call it from one process and
-        let the others `open` the store afterwards.
+        Everything is checked before anything is written. Resuming needs the same
+        identity, sample count, class count, views and encoding; `attrs` are updated and
+        `rounds` only grows (a store never forgets rounds it declared). Call it from one
+        process and let the others `open` the store afterwards.
         """
         path = Path(path)
         enc = get_encoding(encoding)
@@ -145,26 +227,25 @@ class LogitStore:
             raise ValueError(f"identity encoding {identity['encoding']!r} != encoding {enc.name!r}")
         identity["encoding"] = enc.name
         views = list(views)
-        if not views or len(set(views)) != len(views) or any(
-            not v or "/" in v or v.startswith(".") for v in views
-        ):
-            raise KdcacheError(f"views must be distinct non-empty names without '/', got {views}")
-        if num_samples < 1 or num_classes < 2 or rounds < 1:
+        check_views(views)
+        if num_samples < 1 or num_classes < 2 or not 1 <= rounds <= MAX_ROUNDS:
             raise KdcacheError(
-                f"a store needs num_samples >= 1, num_classes >= 2, rounds >= 1; "
+                f"a store needs num_samples >= 1, num_classes >= 2, 1 <= rounds <= {MAX_ROUNDS}; "
                 f"got {num_samples}, {num_classes}, {rounds}"
             )
+        enc.check(num_classes)
         attrs = _as_json(attrs or {}, "attrs")
 
         existing = _read_root_attrs(path)
         if overwrite and path.exists():
             if existing is None and (not path.is_dir() or any(path.iterdir())):
                 raise KdcacheError(f"refusing to overwrite {path}: it is not a kdcache store")
+            _refuse_if_locked(path)
             shutil.rmtree(path)
         elif existing is not None:
             store = cls.open(path, mode="r+")
             store._check_same(identity, num_samples, num_classes, views)
-            store._update_root(rounds=rounds, attrs={**store.attrs, **attrs})
+            store._update_root(rounds=max(rounds, store.rounds), attrs={**store.attrs, **attrs})
             return store
         elif path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise KdcacheError(f"{path} exists and is not a kdcache store; choose another path")
@@ -191,15 +272,8 @@ class LogitStore:
         path = Path(path)
         if not path.exists():
             raise KdcacheError(f"no logit store at {path}; check the path or run precompute first")
-        attrs = _read_root_attrs(path)
-        if attrs is None:
+        if _read_root_attrs(path) is None:
             raise KdcacheError(f"{path} is not a kdcache logit store; check the path")
-        version = attrs[FORMAT_KEY]
-        if version > STORE_FORMAT_VERSION:
-            raise KdcacheError(
-                f"{path} has store format {version}, newer than this kdcache "
-                f"({__version__}) reads ({STORE_FORMAT_VERSION}); upgrade kdcache"
-            )
         return cls(path, zarr.open_group(path, mode=mode, zarr_format=3), writable=mode == "r+")
 
     def _check_same(self, identity, num_samples, num_classes, views):
@@ -223,6 +297,10 @@ class LogitStore:
         if any(self._attrs[key] != value for key, value in changes.items()):
             self._root.update_attributes(changes)
             self._attrs.update(changes)
+
+    def update_attrs(self, attrs: dict) -> None:
+        """Add or change free-form attributes (e.g. the teacher's test accuracy)."""
+        self._update_root(attrs={**self.attrs, **_as_json(attrs, "attrs")})
 
     # ---- properties -----------------------------------------------------------------
 
@@ -269,12 +347,22 @@ class LogitStore:
         if view not in self._attrs["views"]:
             raise KdcacheError(f"view {view!r} is not in the store; its views are {self.views}")
 
+    def slab_lock(self, round: int, view: str) -> FileLock:
+        """The lock a writer holds while it computes and writes this slab (not yet taken)."""
+        self._check_key(round, view)
+        folder = self._path / LOCKS_DIR
+        folder.mkdir(exist_ok=True)
+        return FileLock(folder / f"r{round:05d}-{view}.lock")
+
     def write_slab(self, round: int, view: str, logits, seeds, stats: dict | None = None):
-        """Write one slab's data, then its completion marker (the slab's only writer)."""
+        """Write one slab's data, then its completion marker (the slab's only writer).
+
+        A slab that is damaged or was interrupted is replaced; a complete one is refused.
+        """
         if not self._writable:
             raise KdcacheError(f"{self._path} was opened read-only; open it with mode='r+'")
         self._check_key(round, view)
-        if self.is_complete(round, view):
+        if self.is_complete(round, view, deep=True):
             raise ValueError(f"slab {slab_path(round, view)} is already complete")
         logits = _to_numpy_logits(logits)
         seeds = _to_numpy_seeds(seeds)
@@ -286,33 +374,72 @@ class LogitStore:
             )
         if not np.isfinite(logits).all():
             raise KdcacheError(
-                f"teacher logits for {slab_path(round, view)} contain NaN or inf; check the teacher"
+                f"teacher logits for {slab_path(round, view)} contain NaN or inf; "
+                "check the teacher checkpoint"
             )
         stats = _as_json(stats or {}, "stats")
         arrays = {**self._encoding.encode(logits), "seeds": seeds}
 
         rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
         rows = math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
-        # overwrite=True clears what an interrupted earlier attempt left behind.
+        # overwrite=True clears what an interrupted or damaged earlier attempt left behind.
         group = self._root.create_group(
             slab_path(round, view), overwrite=True, attributes={"complete": False}
         )
         for name, data in arrays.items():
+            # Every chunk is written, even one equal to the fill value, so that a
+            # missing chunk file always means damage.
             group.create_array(
-                name, data=data, chunks=(rows,) + data.shape[1:], compressors=ZstdCodec(level=3)
+                name, data=data, chunks=(rows,) + data.shape[1:],
+                compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
             )
-        group.update_attributes({"complete": True, "stats": stats})
-        self._complete.add((round, view))
+        chunks = _chunk_files(self._path / slab_path(round, view))
+        group.update_attributes({"complete": True, "stats": stats, "chunks": chunks})
 
-    def is_complete(self, round: int, view: str) -> bool:
-        """True once the slab's marker says so; only then may its data be read."""
+    def _state(self, round: int, view: str, deep: bool = False) -> tuple[str, str]:
+        """("complete", ""), ("missing", "") for a slab not written or interrupted, or
+        ("damaged", why) for one marked complete whose files are not as written.
+
+        The quick check compares the chunk files with the sizes the marker lists (a few
+        stat calls); `deep` also reads every chunk, which verifies its crc32c.
+        """
         self._check_key(round, view)
-        if (round, view) not in self._complete:
+        try:
             group = self._root.get(slab_path(round, view))
             if group is None or group.attrs.get("complete") is not True:
-                return False
-            self._complete.add((round, view))
-        return True
+                return "missing", ""
+            chunks = group.attrs.get("chunks")
+        except _READ_ERRORS as err:
+            return "damaged", f"its zarr.json is unreadable: {_one_line(err)}"
+        if not isinstance(chunks, dict) or not chunks:
+            return "damaged", "its marker lists no chunk files"
+        folder = self._path / slab_path(round, view)
+        for name, size in chunks.items():
+            try:
+                actual = (folder / name).stat().st_size
+            except OSError:
+                return "damaged", f"chunk file {name} is missing"
+            if actual != size:
+                return "damaged", f"chunk file {name} has {actual} bytes, {size} were written"
+        if deep:
+            try:
+                self._read(group, (*self._encoding.array_names, "seeds"))
+            except _READ_ERRORS as err:
+                return "damaged", _one_line(err)
+        return "complete", ""
+
+    def _read(self, group: zarr.Group, names) -> dict[str, np.ndarray]:
+        """Named arrays of a slab group, each checked to have one row per sample."""
+        arrays = {name: group[name][...] for name in names}
+        for name, array in arrays.items():
+            if array.shape[:1] != (self.num_samples,):
+                raise ValueError(f"array {name} has shape {array.shape}, expected {self.num_samples} rows")
+        return arrays
+
+    def is_complete(self, round: int, view: str, deep: bool = False) -> bool:
+        """True once the slab's marker says so and its files are as written; only then
+        may its data be read. `deep` also verifies every chunk's checksum."""
+        return self._state(round, view, deep)[0] == "complete"
 
     def _keys(self) -> list[tuple[int, str]]:
         return [(r, v) for r in range(self.rounds) for v in self.views]
@@ -321,25 +448,48 @@ class LogitStore:
         return [key for key in self._keys() if self.is_complete(*key)]
 
     def missing_slabs(self) -> list[tuple[int, str]]:
+        """Slabs precompute still has to write: never written, interrupted or damaged."""
         return [key for key in self._keys() if not self.is_complete(*key)]
 
+    def damaged_slabs(self, deep: bool = False) -> list[tuple[int, str, str]]:
+        """(round, view, why) of every slab marked complete whose files are not as written."""
+        states = ((*key, *self._state(*key, deep)) for key in self._keys())
+        return [(r, v, why) for r, v, state, why in states if state == "damaged"]
+
+    def damaged_error(self, round: int, view: str, why: str) -> KdcacheError:
+        """The one-line error for a damaged slab: what is wrong and how to repair it."""
+        return KdcacheError(
+            f"slab (round {round}, view {view!r}) of {self._path} is damaged ({why}); "
+            "rerun precompute on this store to recompute it"
+        )
+
     def _complete_group(self, round: int, view: str) -> zarr.Group:
-        if not self.is_complete(round, view):
+        state, why = self._state(round, view)
+        if state == "damaged":
+            raise self.damaged_error(round, view, why)
+        if state == "missing":
             raise KdcacheError(
                 f"slab (round {round}, view {view!r}) of {self._path} is not complete; "
                 "run precompute to finish the store"
             )
         return self._root[slab_path(round, view)]
 
+    def _read_slab(self, round: int, view: str, names) -> dict[str, np.ndarray]:
+        """Arrays of a complete slab; a read failure (e.g. a checksum) names the slab."""
+        group = self._complete_group(round, view)
+        try:
+            return self._read(group, names)
+        except _READ_ERRORS as err:
+            raise self.damaged_error(round, view, _one_line(err)) from None
+
     def slab(self, round: int, view: str) -> torch.Tensor:
         """The whole slab's decoded logits, float32 [N, C], in memory."""
-        group = self._complete_group(round, view)
-        arrays = {name: array[...] for name, array in group.arrays() if name != "seeds"}
+        arrays = self._read_slab(round, view, self._encoding.array_names)
         return torch.from_numpy(self._encoding.decode(arrays, self.num_classes))
 
     def seeds(self, round: int, view: str) -> torch.Tensor:
         """The slab's view seeds as int64 holding the uint64 bit patterns."""
-        seeds = self._complete_group(round, view)["seeds"][...]
+        seeds = self._read_slab(round, view, ("seeds",))["seeds"]
         return torch.from_numpy(seeds.view(np.int64))
 
     def slab_stats(self, round: int, view: str) -> dict:
@@ -351,8 +501,12 @@ class LogitStore:
         """Exact uncompressed bytes per (view, sample): encoded logits plus the 8-byte seed."""
         return self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES
 
-    def info(self) -> dict:
-        complete = self.complete_slabs()
+    def info(self, deep: bool = False) -> dict:
+        """Everything `kdcache info` shows; `deep` verifies every chunk's checksum."""
+        states = {key: self._state(*key, deep) for key in self._keys()}
+        complete = [key for key, (state, _) in states.items() if state == "complete"]
+        damaged = [{"round": r, "view": v, "reason": why} for (r, v), (state, why) in states.items()
+                   if state == "damaged"]
         return {
             "path": str(self._path),
             "format_version": self._attrs[FORMAT_KEY],
@@ -366,7 +520,8 @@ class LogitStore:
             "views": self.views,
             "attrs": self.attrs,
             "complete_slabs": len(complete),
-            "incomplete_slabs": self.rounds * len(self.views) - len(complete),
+            "damaged_slabs": damaged,
+            "incomplete_slabs": len(states) - len(complete) - len(damaged),
             "size_on_disk_bytes": _size_on_disk(self._path),
             "bytes_per_view_sample": self.bytes_per_view_sample(),
             "slab_stats": [
