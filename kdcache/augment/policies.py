@@ -13,7 +13,7 @@ from kdcache.augment import ops
 from kdcache.augment.seeds import SEED_FORMAT_VERSION, uniform_streams
 from kdcache.errors import KdcacheError
 
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2
 
 CUTOUT_FILL = (125, 123, 114)
 
@@ -36,7 +36,7 @@ class PadCropFlip:
                 "crop_left": _floor_index(u[:, 1], 2 * self.pad + 1),
                 "flip": u[:, 2] < 0.5}
 
-    def apply(self, images, p):
+    def apply(self, images, p, dense):
         if images.shape[-2:] != (self.size, self.size):
             raise KdcacheError(
                 f"images are {tuple(images.shape[-2:])} but this policy crops {self.size}x{self.size} "
@@ -68,10 +68,10 @@ class ResizedCropFlip:
         # The first try that fits, else torchvision's centre-crop fallback.
         first = ok.to(torch.int64).argmax(dim=1)[:, None, None].expand(-1, 1, 4)
         boxes = torch.stack([top, left, h, w], dim=2).gather(1, first).squeeze(1)
-        fallback = torch.tensor(self._fallback(height, width), device=u.device)
-        boxes = torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
-        return {"crop_top": boxes[:, 0], "crop_left": boxes[:, 1], "crop_height": boxes[:, 2],
-                "crop_width": boxes[:, 3], "flip": u[:, 4 * self.tries] < 0.5}
+        fits = ok.any(dim=1)
+        top, left, h, w = (torch.where(fits, boxes[:, i], value) for i, value in enumerate(self._fallback(height, width)))
+        return {"crop_top": top, "crop_left": left, "crop_height": h, "crop_width": w,
+                "flip": u[:, 4 * self.tries] < 0.5}
 
     def _fallback(self, height, width):
         """torchvision's centre crop when no try fits."""
@@ -84,7 +84,7 @@ class ResizedCropFlip:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def apply(self, images, p):
+    def apply(self, images, p, dense):
         return ops.resized_crop(images, p["crop_top"], p["crop_left"], p["crop_height"], p["crop_width"],
                                 p["flip"], self.size)
 
@@ -100,29 +100,42 @@ class CenterResize:
     def sample(self, u, input_size):
         return {}
 
-    def apply(self, images, p):
+    def apply(self, images, p, dense):
         n, _, h, w = images.shape
         if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0:
             return images
         side = max(1, round(min(h, w) * self.crop_fraction))
-        box = torch.tensor([(h - side) // 2, (w - side) // 2, side, side], device=images.device).expand(n, 4)
-        return ops.resized_crop(images, box[:, 0], box[:, 1], box[:, 2], box[:, 3],
+        top, left, length = (torch.full((n,), value, device=images.device)
+                             for value in ((h - side) // 2, (w - side) // 2, side))
+        return ops.resized_crop(images, top, left, length, length,
                                 torch.zeros(n, dtype=torch.bool, device=images.device), self.size)
 
 
-_OP_LOW = torch.tensor([ops.OP_RANGES[name][0] for name in ops.OPS], dtype=torch.float64)
-_OP_HIGH = torch.tensor([ops.OP_RANGES[name][1] for name in ops.OPS], dtype=torch.float64)
-_OP_INTEGER = torch.tensor([ops.OP_RANGES[name][2] for name in ops.OPS])
+def _apply_rows(selected, fn, x, out, dense, *params):
+    """`out` with the rows in `selected` replaced by `fn(x, *params)` on those rows.
+
+    dense (the device path): fn runs on every row and torch.where picks, so shapes do
+    not depend on the data and nothing syncs. Sparse (the CPU path): fn runs on the
+    selected rows only, found with nonzero. fn is per-sample, so both give the same bits.
+    """
+    if dense:
+        return torch.where(selected.view(-1, 1, 1, 1), fn(x, *params), out)
+    rows = selected.nonzero().squeeze(1)
+    if rows.numel():
+        out[rows] = fn(x[rows], *(p[rows] for p in params))
+    return out
+
+
 _COLOUR_OPS = {
-    "AutoContrast": lambda x, m: ops.autocontrast(x), "Equalize": lambda x, m: ops.equalize(x),
-    "Brightness": ops.brightness, "Color": ops.color, "Contrast": ops.contrast,
-    "Sharpness": ops.sharpness, "Posterize": ops.posterize, "Solarize": ops.solarize,
+    "AutoContrast": lambda x, m: ops.autocontrast(x), "Brightness": ops.brightness, "Color": ops.color,
+    "Contrast": ops.contrast, "Equalize": lambda x, m: ops.equalize(x), "Posterize": ops.posterize,
+    "Sharpness": ops.sharpness, "Solarize": ops.solarize,
 }
 
 
 class RandAugment:
-    """CRLD's RandAugment: num_ops ops drawn uniformly with replacement, each always
-    applied, magnitude uniform in its range."""
+    """CRLD's RandAugment(n, 10): n ops drawn uniformly with replacement from ops.OPS, each
+    always applied, magnitude low + u (high - low) (Posterize uses int(magnitude) bits)."""
 
     def __init__(self, num_ops: int):
         self.num_ops = num_ops
@@ -130,29 +143,36 @@ class RandAugment:
 
     def sample(self, u, input_size):
         op = _floor_index(u[:, 0::2], len(ops.OPS))
-        low, high = _OP_LOW.to(u.device)[op], _OP_HIGH.to(u.device)[op]
-        integer = _OP_INTEGER.to(u.device)[op]
-        mag = torch.where(integer, low + torch.floor(u[:, 1::2] * (high - low + 1)), low + u[:, 1::2] * (high - low))
-        return {"ra_op": op, "ra_magnitude": mag}
+        low, span = torch.zeros_like(u[:, 1::2]), torch.zeros_like(u[:, 1::2])
+        for i, (lo, hi) in enumerate(ops.OP_RANGES.values()):
+            low = torch.where(op == i, lo, low)
+            span = torch.where(op == i, hi - lo, span)
+        return {"ra_op": op, "ra_magnitude": low + span * u[:, 1::2]}
 
-    def apply(self, images, p):
-        out = images.clone()
+    def apply(self, images, p, dense):
         h, w = images.shape[-2:]
-        geometric = torch.tensor([ops.OPS.index(name) for name in ops.GEOMETRIC], device=images.device)
+
+        def geometric(x, magnitude, op):
+            return ops.affine_nearest(x, ops.affine_coefficients(op, magnitude, h, w))
+
+        out = images if dense else images.clone()
         for j in range(self.num_ops):
             op, mag = p["ra_op"][:, j], p["ra_magnitude"][:, j]
-            rows = torch.isin(op, geometric).nonzero().squeeze(1)
-            if rows.numel():
-                out[rows] = ops.affine_nearest(out[rows], ops.affine_matrices(op[rows], mag[rows], h, w))
+            x = out if dense else out.clone()
+            is_geometric = torch.zeros_like(op, dtype=torch.bool)
+            for name in ops.GEOMETRIC:
+                is_geometric = is_geometric | (op == ops.OPS.index(name))
+            out = _apply_rows(is_geometric, geometric, x, out, dense, mag, op)
             for name, fn in _COLOUR_OPS.items():
-                rows = (op == ops.OPS.index(name)).nonzero().squeeze(1)
-                if rows.numel():
-                    out[rows] = fn(out[rows], mag[rows])
+                out = _apply_rows(op == ops.OPS.index(name), fn, x, out, dense, mag)
         return out
 
 
 class Cutout:
-    """Square of side floor(U(0, max_fraction) * size) at a uniform centre pixel, clipped."""
+    """CRLD's Cutout: side v = u * max_fraction * size (no box when v = 0), centre
+    uniform in (1, size] (numpy's uniform(size) draws from (1, size]), box corners
+    (int(max(0, c - v/2)), int(min(size, that + v))) drawn end-inclusive by PIL, so
+    a box at the top/left edge is pushed inside at full size, one at the far edge clipped."""
 
     streams = 3
 
@@ -160,13 +180,20 @@ class Cutout:
         self.size, self.max_fraction = size, max_fraction
 
     def sample(self, u, input_size):
-        side = torch.floor(u[:, 0] * (self.max_fraction * self.size)).to(torch.int64)
-        return {"cutout_top": _floor_index(u[:, 1], self.size) - side // 2,
-                "cutout_left": _floor_index(u[:, 2], self.size) - side // 2,
-                "cutout_side": side}
+        v = u[:, 0] * self.max_fraction * self.size
+        box = {}
+        for axis, centre_u in (("left", u[:, 1]), ("top", u[:, 2])):
+            centre = self.size + (1.0 - self.size) * centre_u
+            start = (centre - v / 2).clamp(min=0).floor()
+            end = (start + v).clamp(max=self.size).floor()
+            box[f"cutout_{axis}"] = start.to(torch.int64)
+            box[f"cutout_{'width' if axis == 'left' else 'height'}"] = torch.where(
+                v > 0, end - start + 1, 0).to(torch.int64)
+        return box
 
-    def apply(self, images, p):
-        return ops.cutout(images, p["cutout_top"], p["cutout_left"], p["cutout_side"], CUTOUT_FILL)
+    def apply(self, images, p, dense):
+        return ops.cutout(images, p["cutout_top"], p["cutout_left"], p["cutout_height"], p["cutout_width"],
+                          CUTOUT_FILL)
 
 
 class ViewPolicy:
@@ -184,17 +211,22 @@ class ViewPolicy:
             start += step.streams
         return params
 
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], dense: bool = False) -> torch.Tensor:
         for step in self.steps:
-            images = step.apply(images, params)
+            images = step.apply(images, params, dense)
         return images
 
-    def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """Views of `images` for `seeds`. dense selects the device path (fixed shapes, no
+        host sync, one compiled graph); by default it is used on every device but the CPU,
+        where the sparse path is faster. Both give the same bits."""
+        if dense is None:
+            dense = images.device.type != "cpu"
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         if seeds.shape != images.shape[:1]:
             raise ValueError(f"expected one seed per image, got {tuple(seeds.shape)} for {images.shape[0]} images")
-        return self.apply(images, self.sample(seeds.to(images.device), tuple(images.shape[-2:])))
+        return self.apply(images, self.sample(seeds.to(images.device), tuple(images.shape[-2:])), dense)
 
     def spec(self) -> dict:
         """JSON-serialisable identity of this policy, recorded in stores."""
@@ -286,8 +318,11 @@ def policy_from_spec(spec: dict) -> ViewPolicy:
     return get_policy(spec["name"], spec["image_size"], **spec["params"])
 
 
+def _channel_constants(values, device) -> torch.Tensor:
+    """float32 [1, C, 1, 1] filled on the device (torch.tensor would copy from the host on each call)."""
+    return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device) for v in values]).view(1, -1, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 (x / 255 - mean) / std; mean, std on the 0..1 scale."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    return (images.float() / 255.0 - _channel_constants(mean, images.device)) / _channel_constants(std, images.device)

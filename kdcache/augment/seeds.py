@@ -59,8 +59,15 @@ def uniform_streams(seeds: torch.Tensor, count: int) -> torch.Tensor:
     """float64 [B, count] in [0, 1): stream k is splitmix64 output k+1 from state `seed`.
 
     Output k = mix64(seed + (k + 1) * GAMMA); its top 53 bits / 2**53 is exact in
-    float64, so every device gives the same values.
+    float64, so every device gives the same values. The states are built by adding
+    GAMMA `count` times, as splitmix64 does: torch.compile turns `arange * GAMMA` (or a
+    cumsum of it) into an index expression that it evaluates without wraparound, and fails.
     """
-    steps = torch.arange(1, count + 1, dtype=torch.int64, device=seeds.device) * GAMMA
-    bits = mix64(seeds.to(torch.int64)[:, None] + steps)
+    if count == 0:
+        return torch.zeros(seeds.shape[0], 0, dtype=torch.float64, device=seeds.device)
+    state, states = seeds.to(torch.int64), []
+    for _ in range(count):
+        state = state + GAMMA
+        states.append(state)
+    bits = mix64(torch.stack(states, dim=1))
     return _shr(bits, 11).to(torch.float64) * 2.0**-53
