@@ -20,8 +20,10 @@ from kdcache.augment import ops
 from kdcache.augment.policies import RandAugment
 from kdcache.augment.seeds import uniform_streams
 from kdcache.cli.views import parse_indices, views_app
+from kdcache.data import DatasetMeta, prepare_dataset
 from kdcache.errors import KdcacheError
 from kdcache.replay import ViewReplayer
+from test_data import write_cifar10, write_cifar100
 
 MASK64 = (1 << 64) - 1
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -244,6 +246,18 @@ def test_normalize_matches_torchvision():
     got = normalize(IMAGES, MEAN, STD)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("source, write, mean, std", [
+    ("cifar10", write_cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    ("cifar100", write_cifar100, MEAN, STD),
+])
+def test_cifar_meta_records_the_published_normalization(tmp_path, source, write, mean, std):
+    """The zoos' teachers were trained with these constants, not with our data's statistics."""
+    write(tmp_path / "src")
+    meta = prepare_dataset(source, tmp_path / "out", root=tmp_path / "src")
+    assert (meta.mean, meta.std) == (list(mean), list(std))
+    assert DatasetMeta.load(tmp_path / "out").mean == list(mean)
 
 
 # ---- replay: a view depends on its key alone ------------------------------------------------

@@ -51,7 +51,7 @@ def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = N
     train_shape, test_shape = splits["train"][0].shape[1:], splits["test"][0].shape[1:]
     if train_shape != test_shape:
         raise KdcacheError(f"{source}: train images are {train_shape[:2]} but test images {test_shape[:2]}; pass --size N")
-    mean, std = channel_stats(splits["train"][0])
+    mean, std = raw.normalization or channel_stats(splits["train"][0])
     h, w = train_shape[:2]
     meta = DatasetMeta(
         name=source, num_classes=len(raw.class_names), class_names=raw.class_names, image_shape=[3, h, w],

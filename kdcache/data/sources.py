@@ -39,6 +39,16 @@ class RawDataset:
     class_names: list[str]
     root: str  # where the data was read from, recorded in meta.json
     preprocessing: str = ""  # what the source itself did to the pixels, if anything
+    # (mean, std) the model zoos hard-code for this dataset; prepare records them instead of
+    # recomputing, so a released teacher sees exactly the inputs it was trained with.
+    normalization: tuple[list[float], list[float]] | None = None
+
+
+# CIFAR-100: RepDistiller's and mdistiller's (CRLD's) transforms. CIFAR-10: neither zoo has
+# CIFAR-10; forks of mdistiller disagree, so we take the training set's own statistics as
+# usually published, which those forks that do not reuse the CIFAR-100 values use.
+CIFAR100_NORMALIZATION = ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
+CIFAR10_NORMALIZATION = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
 
 
 SourceFn = Callable[["Path | None", "int | None"], RawDataset]
@@ -144,7 +154,7 @@ def cifar10(root: Path | None, size: int | None) -> RawDataset:
     names = _unpickle(d / "batches.meta").get(b"label_names")
     if names is None:
         raise KdcacheError(f"{d / 'batches.meta'} lacks b'label_names'")
-    return RawDataset(train, test, [n.decode() for n in names], str(d))
+    return RawDataset(train, test, [n.decode() for n in names], str(d), normalization=CIFAR10_NORMALIZATION)
 
 
 @register("cifar100")
@@ -155,7 +165,7 @@ def cifar100(root: Path | None, size: int | None) -> RawDataset:
     names = _unpickle(d / "meta").get(b"fine_label_names")
     if names is None:
         raise KdcacheError(f"{d / 'meta'} lacks b'fine_label_names'")
-    return RawDataset(train, test, [n.decode() for n in names], str(d))
+    return RawDataset(train, test, [n.decode() for n in names], str(d), normalization=CIFAR100_NORMALIZATION)
 
 
 # ---------------------------------------------------------------- idx (MNIST family)
