@@ -8,22 +8,25 @@ k mod world_size.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from kdcache.data import DatasetMeta, load_split, make_loader
 from kdcache.engine import autocast, evaluate, init_distributed, pick_device, prepare_model, to_model_input
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, warn_once
 from kdcache.models import create_model, file_sha256, load_weights
 from kdcache.paths import default_store_path
 from kdcache.replay import ViewReplayer
-from kdcache.storage import LogitStore, measure_encoding
+from kdcache.storage import LogitStore, get_encoding, measure_encoding
+from kdcache.storage.store import MAX_ROUNDS
 
 
 @dataclass
@@ -73,47 +76,114 @@ def replayer_for(store: LogitStore) -> ViewReplayer:
     return ViewReplayer(ident["policies"], ident["store_seed"], ident["mean"], ident["std"])
 
 
+def check_config(cfg: PrecomputeConfig) -> None:
+    """Refuse values precompute cannot mean, before it loads or creates anything.
+
+    Views, encoding against the class count and an existing store are checked by
+    `LogitStore.create`, also before anything is written.
+    """
+    if not 1 <= cfg.rounds <= MAX_ROUNDS:
+        raise KdcacheError(f"--rounds must be between 1 and {MAX_ROUNDS} (one round per student epoch), "
+                           f"got {cfg.rounds}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise KdcacheError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if not 0 <= cfg.seed < 2**64:
+        raise KdcacheError(f"--seed must be between 0 and 2^64-1 (view keys are 64-bit), got {cfg.seed}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise KdcacheError(f"--precision must be fp32 or bf16, got '{cfg.precision}'")
+    get_encoding(cfg.encoding)
+
+
+def run_precision(precision: str, device: torch.device) -> str:
+    """The precision that really runs: bf16 autocast exists only on CUDA here."""
+    if precision == "bf16" and device.type != "cuda":
+        warn_once(f"--precision bf16 runs on CUDA only; this run on {device.type} uses fp32 "
+                  "(each slab records the precision it was computed in)")
+        return "fp32"
+    return precision
+
+
 def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
-    """Fill the store for `cfg`, computing only slabs not yet complete; returns the store."""
-    if cfg.rounds < 1:
-        raise KdcacheError("--rounds must be at least 1")
+    """Fill the store for `cfg`, computing only slabs not yet complete (or damaged); returns the store.
+
+    Each slab is computed under its lock, so concurrent precomputes on one store share
+    the work: one skips the slabs another holds and waits for them at the end.
+    """
+    check_config(cfg)
     device = pick_device(cfg.device)
+    precision = run_precision(cfg.precision, device)
     ctx = init_distributed(device)
     meta = DatasetMeta.load(cfg.data_dir)
     teacher = prepare_model(load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes), device)
     identity = store_identity(cfg, meta, file_sha256(cfg.ckpt))
     path = Path(cfg.out) if cfg.out is not None else default_store_path(identity)
     if ctx.is_main:
-        attrs = {}
-        if cfg.overwrite or "teacher_test_top1" not in _existing_attrs(path):
-            acc = evaluate(teacher, cfg.data_dir, meta, device, precision=cfg.precision)
-            attrs = {"teacher_test_top1": acc["top1"], "teacher_test_top5": acc["top5"]}
         store = LogitStore.create(path, identity=identity, num_samples=meta.counts["train"],
                                   num_classes=meta.num_classes, rounds=cfg.rounds, views=list(cfg.views),
-                                  encoding=cfg.encoding, attrs=attrs, overwrite=cfg.overwrite)
+                                  encoding=cfg.encoding, overwrite=cfg.overwrite)
+        if "teacher_test_top1" not in store.attrs:
+            acc = evaluate(teacher, cfg.data_dir, meta, device, precision=precision)
+            store.update_attrs({"teacher_test_top1": acc["top1"], "teacher_test_top5": acc["top5"]})
     ctx.barrier()
     if not ctx.is_main:
         store = LogitStore.open(path, mode="r+")
 
+    # --rounds N asks for rounds 0..N-1; the store may declare more (rounds never shrink).
     all_slabs = [(r, slot) for r in range(cfg.rounds) for slot in cfg.views]
-    todo = [key for key in all_slabs[ctx.rank::ctx.world_size] if not store.is_complete(*key)]
+    # deep: a slab that fails its checksums is recomputed (reading costs ~1% of computing).
+    todo = [key for key in all_slabs[ctx.rank::ctx.world_size] if not store.is_complete(*key, deep=True)]
     replayer = replayer_for(store)
-    batch_size = cfg.batch_size or (1024 if device.type == "cuda" else 256)
+    batch_size = min(cfg.batch_size or (1024 if device.type == "cuda" else 256), meta.counts["train"])
     loader = make_loader(cfg.data_dir, "train", batch_size, shuffle=False, device=device, backend=cfg.backend)
     bar = tqdm(total=len(todo), desc=f"precompute {path.name}", unit="slab", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
-    for round_, slot in todo:
-        elapsed = compute_slab(store, teacher, replayer, loader, round_, slot, meta, cfg.precision)
-        bar.update(1)
+
+    def compute(round_: int, slot: str) -> None:
+        elapsed = compute_slab(store, teacher, replayer, loader, round_, slot, meta, precision)
         bar.set_postfix(img_s=f"{meta.counts['train'] / elapsed:.0f}", round=round_, view=slot)
+
+    for key in _under_slab_locks(store, todo, compute):
+        bar.update(1)
     bar.close()
     ctx.barrier()
     return store
 
 
+def _under_slab_locks(store: LogitStore, keys: list[tuple[int, str]], compute):
+    """Compute each slab of `keys` that is still missing while holding its lock; yield each key done.
+
+    Slabs another process holds are skipped at first and waited for at the end, then
+    computed only if that process did not finish them (it died or was interrupted).
+    """
+    held_elsewhere = []
+    for key in keys:
+        lock = store.slab_lock(*key)
+        if lock.try_acquire():
+            try:
+                if not store.is_complete(*key, deep=True):
+                    compute(*key)
+            finally:
+                lock.release()
+            yield key
+        else:
+            held_elsewhere.append((key, lock))
+    for key, lock in held_elsewhere:
+        warn_once(f"waiting for another kdcache process (pid {lock.holder()}) computing slabs of {store.path}")
+        lock.acquire()
+        try:
+            if not store.is_complete(*key, deep=True):
+                compute(*key)
+        finally:
+            lock.release()
+        yield key
+
+
 def compute_slab(store: LogitStore, teacher: nn.Module, replayer: ViewReplayer, loader, round_: int, slot: str,
                  meta: DatasetMeta, precision: str) -> float:
-    """Compute, encode and write one slab (then mark it complete); returns the seconds it took."""
+    """Compute, encode and write one slab (then mark it complete); returns the seconds it took.
+
+    The slab records the precision that really ran (see `run_precision`)."""
+    precision = run_precision(precision, next(teacher.parameters()).device)
     start = time.perf_counter()
     logits, seeds, correct = run_teacher_on_slab(teacher, replayer, loader, round_, slot, meta, precision)
     compute_s = time.perf_counter() - start
@@ -121,6 +191,7 @@ def compute_slab(store: LogitStore, teacher: nn.Module, replayer: ViewReplayer, 
     store.write_slab(round_, slot, logits, seeds, stats={
         "teacher_top1": 100.0 * correct / meta.counts["train"],
         "images_per_s": meta.counts["train"] / compute_s,
+        "precision": precision,
         **{k: encoding_error[k] for k in ("max_abs_error", "mean_kl_t1", "mean_kl_t4")},
     })
     return time.perf_counter() - start
@@ -147,55 +218,68 @@ def run_teacher_on_slab(teacher: nn.Module, replayer: ViewReplayer, loader, roun
 
 
 def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tolerance: float = 1e-3,
-           device: str | None = None, seed: int = 0) -> dict[str, Any]:
+           device: str | None = None, seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
     """Recompute the teacher on `samples` random stored views and compare with the store.
 
     A view passes when |stored - recomputed| <= (the slab's recorded encoding error) + tolerance
-    and its seed equals the one the store recorded.
+    and its seed equals the one the store recorded. `samples` beyond the stored views
+    checks every stored view once.
     """
+    if samples < 1:
+        raise KdcacheError(f"--samples must be at least 1, got {samples}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise KdcacheError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     store = LogitStore.open(store_path)
     ident = store.identity
     meta = DatasetMeta.load(data_dir)
-    if meta.fingerprint != ident["dataset_fingerprint"]:
+    if meta.fingerprint != ident.get("dataset_fingerprint"):
         raise KdcacheError(f"{data_dir} is not the dataset this store was made from (fingerprint differs)")
     sha = file_sha256(ckpt)
-    if sha != ident["teacher_sha256"]:
+    if sha != ident.get("teacher_sha256"):
         raise KdcacheError(f"{ckpt} is not the checkpoint this store was made from (sha256 differs)")
+    damaged = store.damaged_slabs()
+    if damaged:
+        raise store.damaged_error(*damaged[0])
     complete = store.complete_slabs()
     if not complete:
         raise KdcacheError(f"{store_path} has no complete slab to verify; run precompute first")
     dev = pick_device(device)
     teacher = prepare_model(load_teacher(ident["teacher"], ckpt, store.num_classes), dev)
     replayer = replayer_for(store)
-    images = load_split(data_dir, "train")[0].to(dev)
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(complete), (samples,), generator=gen)
+    images = load_split(data_dir, "train")[0]
+    n = store.num_samples
+    # Distinct (slab, row) picks, without materialising all len(complete) * n of them.
+    total = len(complete) * n
+    flat = np.sort(np.random.default_rng(seed).choice(total, size=min(samples, total), replace=False))
     max_diff = sum_diff = 0.0
-    agree = seeds_ok = passed = checked = 0
-    for slab_i in picks.unique().tolist():
+    agree = seeds_ok = passed = 0
+    for slab_i, first, count in zip(*np.unique(flat // n, return_index=True, return_counts=True)):
         round_, slot = complete[slab_i]
-        count = int((picks == slab_i).sum())
-        idx = torch.randperm(store.num_samples, generator=gen)[:count]
+        idx = torch.from_numpy(flat[first:first + count] % n)
         stored = store.slab(round_, slot)[idx]
-        bound = store.slab_stats(round_, slot).get("max_abs_error", 0.0) + tolerance
-        dev_idx = idx.to(dev)
-        with torch.no_grad(), autocast(dev, "fp32"):
-            fresh = teacher(to_model_input(replayer(round_, slot, images[dev_idx], dev_idx))).float().cpu()
+        stats = store.slab_stats(round_, slot)
+        bound = stats.get("max_abs_error", 0.0) + tolerance
+        precision = run_precision(stats.get("precision", "fp32"), dev)
+        fresh = torch.cat([_teacher_logits(teacher, replayer, (round_, slot), images[part], part, precision)
+                           for part in idx.split(batch_size)])
         diff = (stored - fresh).abs().amax(dim=1)
         max_diff = max(max_diff, float(diff.max()))
         sum_diff += float((stored - fresh).abs().mean(dim=1).sum())
         agree += int((stored.argmax(1) == fresh.argmax(1)).sum())
         seeds_ok += int((store.seeds(round_, slot)[idx] == replayer.seeds(round_, slot, idx)).sum())
         passed += int((diff <= bound).sum())
-        checked += count
+    checked = len(flat)
     return {"samples": checked, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / checked,
             "top1_agreement": agree / checked, "seeds_match": seeds_ok / checked, "within_tolerance": passed / checked,
             "ok": passed == checked and seeds_ok == checked}
 
 
-def _existing_attrs(path: Path) -> dict[str, Any]:
-    """Free-form attributes of the store at `path`, or {} when there is none yet."""
-    try:
-        return LogitStore.open(path).attrs
-    except KdcacheError:
-        return {}
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, replayer: ViewReplayer, key: tuple[int, str], images: torch.Tensor,
+                    indices: torch.Tensor, precision: str) -> torch.Tensor:
+    """Teacher logits (float32, on CPU) for the views `key` x `indices` of uint8 `images`."""
+    device = next(teacher.parameters()).device
+    indices = indices.to(device)
+    views = replayer(*key, images.to(device), indices)
+    with autocast(device, precision):
+        return teacher(to_model_input(views)).float().cpu()

@@ -124,13 +124,20 @@ def test_precompute_stores_the_teacher_logits_of_replayed_views(digits_dir, teac
     assert result["ok"] and result["samples"] == 64 and result["top1_agreement"] == 1.0
 
 
-def test_verify_detects_tampered_logits(digits_dir, teacher_ckpt, tmp_path):
+def test_verify_detects_wrong_logits(digits_dir, teacher_ckpt, tmp_path):
     store = precompute(precompute_cfg(digits_dir, teacher_ckpt, tmp_path / "s", rounds=1, views={"weak": "weak"}),
                        progress=False)
-    logits = zarr.open_array(tmp_path / "s" / slab_path(0, "weak") / "logits", mode="r+")
-    logits[:] = logits[:] + np.float16(0.5)
+    # Wrong logits written through the store (e.g. by another teacher): intact files, wrong values.
+    logits, seeds, stats = store.slab(0, "weak") + 0.5, store.seeds(0, "weak"), store.slab_stats(0, "weak")
+    zarr.open_group(tmp_path / "s" / slab_path(0, "weak"), mode="r+").update_attributes({"complete": False})
+    store.write_slab(0, "weak", logits, seeds, stats)
     result = verify(store.path, teacher_ckpt, digits_dir, samples=32, device="cpu")
     assert not result["ok"] and result["max_abs_diff"] > 0.4
+    # Edited behind the store's back: its files no longer match the marker.
+    array = zarr.open_array(tmp_path / "s" / slab_path(0, "weak") / "logits", mode="r+")
+    array[:] = array[:] + np.float16(0.5)
+    with pytest.raises(KdcacheError, match=r"slab \(round 0, view 'weak'\) of .* is damaged"):
+        verify(store.path, teacher_ckpt, digits_dir, samples=32, device="cpu")
 
 
 def test_existing_store_with_other_settings_is_an_error_naming_the_field(digits_dir, teacher_ckpt, tmp_path):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdcache.cli.app import app
+from kdcache.cli.app import app, set_interrupt_hint
 from kdcache.errors import KdcacheError
 from kdcache.paths import default_data_dir, mdistiller_teacher_ckpt
 from kdcache.precompute import PrecomputeConfig, precompute, verify
@@ -35,38 +35,51 @@ def precompute_cmd(
 ) -> None:
     """Run the teacher over every (round, view) of the training set and store its logits.
 
-    Re-running the same command resumes: only incomplete slabs are computed. Under
-    torchrun (torchrun --nproc-per-node K -m kdcache.cli precompute ...) slabs are split across ranks.
+    Re-running the same command resumes: only incomplete or damaged slabs are computed. A
+    store's declared rounds never shrink: --rounds N computes rounds 0..N-1 of it. Under
+    torchrun (torchrun --nproc-per-node K -m kdcache.cli precompute ...) slabs are split across
+    ranks; two precomputes on one store share its slabs (each slab has a lock).
 
     Example: kdcache precompute --teacher resnet32x4 --data data/cifar100 --rounds 240
     """
-    if precision not in ("fp32", "bf16"):
-        raise KdcacheError(f"--precision must be fp32 or bf16, got '{precision}'")
+    set_interrupt_hint("rerun the same command to resume")
     cfg = PrecomputeConfig(teacher=teacher, ckpt=ckpt or mdistiller_teacher_ckpt(teacher), data_dir=data,
                            views=parse_views(views), rounds=rounds, out=out, encoding=encoding, seed=seed,
                            batch_size=batch_size, precision=precision, device=device, overwrite=overwrite)
     store = precompute(cfg, progress=not quiet)
-    info = store.info()
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"store {store.path}: {info['complete_slabs']}/{info['complete_slabs'] + info['incomplete_slabs']} "
-                   f"slabs complete, {info['bytes_per_view_sample']} bytes per view-sample")
+        total = store.rounds * len(store.views)
+        typer.echo(f"store {store.path}: {len(store.complete_slabs())}/{total} slabs complete, "
+                   f"{store.bytes_per_view_sample()} bytes per view-sample")
 
 
 @app.command("info")
 def info_cmd(
     store: Annotated[Path, typer.Argument(help="A logit store.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Read every complete slab to verify its checksums; exit 1 if one is damaged.")] = False,
 ) -> None:
     """Show a store: teacher, data, views, rounds, completeness, size and teacher accuracy per view.
 
+    Slabs whose chunk files are missing or resized are reported as damaged; --check also
+    reads every chunk to verify its checksum.
+
     Example: kdcache info ~/.cache/kdcache/stores/resnet32x4-0123abcd
     """
-    info = LogitStore.open(store).info()
+    info = LogitStore.open(store).info(deep=check)
+    damaged = info["damaged_slabs"]
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
-        return
+    else:
+        _print_info(info)
+    if check and damaged:
+        raise KdcacheError(f"{len(damaged)} damaged slab(s) in {store}; rerun precompute on it to recompute them")
+
+
+def _print_info(info: dict) -> None:
     ident = info["identity"]
-    total = info["complete_slabs"] + info["incomplete_slabs"]
+    damaged = info["damaged_slabs"]
+    total = info["complete_slabs"] + len(damaged) + info["incomplete_slabs"]
     typer.echo(f"store        {info['path']} (format {info['format_version']}, kdcache {info['kdcache_version']})")
     typer.echo(f"teacher      {ident['teacher']}  sha256 {ident['teacher_sha256'][:12]}  "
                f"test top-1 {info['attrs'].get('teacher_test_top1', float('nan')):.2f}%")
@@ -75,6 +88,9 @@ def info_cmd(
     views = ", ".join(f"{slot}={spec['name']}" for slot, spec in ident["policies"].items())
     typer.echo(f"views        {views}  seed {ident['store_seed']}")
     typer.echo(f"rounds       {info['rounds']}  slabs complete {info['complete_slabs']}/{total}")
+    for slab in damaged:
+        typer.echo(f"damaged      round {slab['round']} view {slab['view']}: {slab['reason']} "
+                   "(rerun precompute to recompute it)")
     typer.echo(f"encoding     {info['encoding']}  {info['bytes_per_view_sample']} bytes per view-sample  "
                f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB on disk")
     stats = info["slab_stats"]
@@ -93,7 +109,7 @@ def verify_cmd(
     store: Annotated[Path, typer.Argument(help="A logit store.")],
     ckpt: Annotated[Path, typer.Option("--ckpt", help="The teacher checkpoint the store was made with.")],
     data: Annotated[Path, typer.Option("--data", help="The dataset dir the store was made from.")] = default_data_dir("cifar100"),
-    samples: Annotated[int, typer.Option("--samples", help="Random stored views to recompute.")] = 512,
+    samples: Annotated[int, typer.Option("--samples", help="Random stored views to recompute (at most every stored view once).")] = 512,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error.")] = 1e-3,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
 ) -> None:

@@ -261,7 +261,11 @@ class LogitStore:
             "views": views,
             "attrs": attrs,
         }
-        root = zarr.open_group(path, mode="w", zarr_format=3, attributes=root_attrs)
+        try:
+            root = zarr.open_group(path, mode="w-", zarr_format=3, attributes=root_attrs)
+        except FileExistsError:  # another process created it meanwhile: resume it
+            return cls.create(path, identity=identity, num_samples=num_samples, num_classes=num_classes,
+                              rounds=rounds, views=views, encoding=encoding, attrs=attrs)
         return cls(path, root, writable=True)
 
     @classmethod
