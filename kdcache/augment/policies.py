@@ -155,10 +155,12 @@ class RandAugment:
         def geometric(x, magnitude, op):
             return ops.affine_nearest(x, ops.affine_coefficients(op, magnitude, h, w))
 
+        # Each row gets one op per position, so in the sparse path the ops can update `out`
+        # in place while reading it: no op reads rows another op has written.
         out = images if dense else images.clone()
         for j in range(self.num_ops):
             op, mag = p["ra_op"][:, j], p["ra_magnitude"][:, j]
-            x = out if dense else out.clone()
+            x = out
             is_geometric = torch.zeros_like(op, dtype=torch.bool)
             for name in ops.GEOMETRIC:
                 is_geometric = is_geometric | (op == ops.OPS.index(name))
