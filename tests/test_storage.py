@@ -1,6 +1,7 @@
 """The logit store: encodings, resume/identity rules, damage detection, locks, markers
 under concurrency, prefetch."""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -352,6 +353,21 @@ def test_old_or_damaged_root_attributes_are_refused(tmp_path, key, value, messag
     with pytest.raises(KdcacheError, match=message):
         LogitStore.open(tmp_path / "s")
     assert create(tmp_path / "s", overwrite=True).complete_slabs() == []
+
+
+def test_full_disk_is_one_line_and_leaves_the_slab_incomplete(tmp_path, monkeypatch):
+    store = create(tmp_path / "s")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zarr.Group, "create_array", full_disk)
+    with pytest.raises(KdcacheError, match="cannot write to .* \\(No space left on device\\); free space"):
+        write(store, 0, "weak")
+    monkeypatch.undo()
+    assert (0, "weak") in store.missing_slabs()
+    write(store, 0, "weak")
+    assert store.is_complete(0, "weak", deep=True)
 
 
 # ---- locks ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,18 @@ def _check_root_attrs(path: Path, attrs: dict) -> None:
                 "recreate the store: rerun precompute with --overwrite"
             )
     get_encoding(attrs["identity"].get("encoding"))
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk or a read-only folder is one line saying so, not a traceback."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise KdcacheError(f"cannot write to {path} ({err.strerror or err}); free space or fix its "
+                           "permissions, then rerun precompute (it resumes)") from None
 
 
 def check_views(views: list[str]) -> None:
@@ -241,7 +255,8 @@ class LogitStore:
             if existing is None and (not path.is_dir() or any(path.iterdir())):
                 raise KdcacheError(f"refusing to overwrite {path}: it is not a kdcache store")
             _refuse_if_locked(path)
-            shutil.rmtree(path)
+            with _writing(path):
+                shutil.rmtree(path)
         elif existing is not None:
             store = cls.open(path, mode="r+")
             store._check_same(identity, num_samples, num_classes, views)
@@ -262,7 +277,8 @@ class LogitStore:
             "attrs": attrs,
         }
         try:
-            root = zarr.open_group(path, mode="w-", zarr_format=3, attributes=root_attrs)
+            with _writing(path):
+                root = zarr.open_group(path, mode="w-", zarr_format=3, attributes=root_attrs)
         except FileExistsError:  # another process created it meanwhile: resume it
             return cls.create(path, identity=identity, num_samples=num_samples, num_classes=num_classes,
                               rounds=rounds, views=views, encoding=encoding, attrs=attrs)
@@ -299,7 +315,8 @@ class LogitStore:
 
     def _update_root(self, **changes):
         if any(self._attrs[key] != value for key, value in changes.items()):
-            self._root.update_attributes(changes)
+            with _writing(self._path):
+                self._root.update_attributes(changes)
             self._attrs.update(changes)
 
     def update_attrs(self, attrs: dict) -> None:
@@ -355,7 +372,8 @@ class LogitStore:
         """The lock a writer holds while it computes and writes this slab (not yet taken)."""
         self._check_key(round, view)
         folder = self._path / LOCKS_DIR
-        folder.mkdir(exist_ok=True)
+        with _writing(self._path):
+            folder.mkdir(exist_ok=True)
         return FileLock(folder / f"r{round:05d}-{view}.lock")
 
     def write_slab(self, round: int, view: str, logits, seeds, stats: dict | None = None):
@@ -386,19 +404,20 @@ class LogitStore:
 
         rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
         rows = math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
-        # overwrite=True clears what an interrupted or damaged earlier attempt left behind.
-        group = self._root.create_group(
-            slab_path(round, view), overwrite=True, attributes={"complete": False}
-        )
-        for name, data in arrays.items():
-            # Every chunk is written, even one equal to the fill value, so that a
-            # missing chunk file always means damage.
-            group.create_array(
-                name, data=data, chunks=(rows,) + data.shape[1:],
-                compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
+        with _writing(self._path):
+            # overwrite=True clears what an interrupted or damaged earlier attempt left behind.
+            group = self._root.create_group(
+                slab_path(round, view), overwrite=True, attributes={"complete": False}
             )
-        chunks = _chunk_files(self._path / slab_path(round, view))
-        group.update_attributes({"complete": True, "stats": stats, "chunks": chunks})
+            for name, data in arrays.items():
+                # Every chunk is written, even one equal to the fill value, so that a
+                # missing chunk file always means damage.
+                group.create_array(
+                    name, data=data, chunks=(rows,) + data.shape[1:],
+                    compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
+                )
+            chunks = _chunk_files(self._path / slab_path(round, view))
+            group.update_attributes({"complete": True, "stats": stats, "chunks": chunks})
 
     def _state(self, round: int, view: str, deep: bool = False) -> tuple[str, str]:
         """("complete", ""), ("missing", "") for a slab not written or interrupted, or
