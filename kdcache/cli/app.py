@@ -61,7 +61,8 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kdcache` console script."""
-    signal.signal(signal.SIGINT, functools.partial(_on_sigint, os.getpid()))
+    # Restored on the way out, for callers that run main in-process (tests).
+    previous = signal.signal(signal.SIGINT, functools.partial(_on_sigint, os.getpid()))
     try:
         _register_commands()  # option defaults read KDCACHE_HOME, which may be wrong
         app(args=argv, standalone_mode=True)
@@ -71,3 +72,5 @@ def main(argv: list[str] | None = None) -> None:
     except _Interrupted:
         typer.echo("interrupted" + (f"; {_interrupt_hint}" if _interrupt_hint else ""), err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
