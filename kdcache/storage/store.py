@@ -111,8 +111,6 @@ def _writing(path: Path) -> Iterator[None]:
     """A full disk or a read-only folder is one line saying so, not a traceback."""
     try:
         yield
-    except FileExistsError:
-        raise
     except OSError as err:
         raise KdcacheError(f"cannot write to {path} ({err.strerror or err}); free space or fix its "
                            "permissions, then rerun precompute (it resumes)") from None
@@ -276,12 +274,12 @@ class LogitStore:
             "views": views,
             "attrs": attrs,
         }
-        try:
-            with _writing(path):
+        with _writing(path):
+            try:
                 root = zarr.open_group(path, mode="w-", zarr_format=3, attributes=root_attrs)
-        except FileExistsError:  # another process created it meanwhile: resume it
-            return cls.create(path, identity=identity, num_samples=num_samples, num_classes=num_classes,
-                              rounds=rounds, views=views, encoding=encoding, attrs=attrs)
+            except FileExistsError:  # another process created it meanwhile: resume it
+                return cls.create(path, identity=identity, num_samples=num_samples, num_classes=num_classes,
+                                  rounds=rounds, views=views, encoding=encoding, attrs=attrs)
         return cls(path, root, writable=True)
 
     @classmethod
