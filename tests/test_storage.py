@@ -344,8 +344,10 @@ def test_damaged_metadata_is_one_line_error(tmp_path):
     ("kdcache_store_format", 1, "format 1, without the chunk checksums.*--overwrite"),
     ("kdcache_store_format", "2", "damaged root attribute 'kdcache_store_format'"),
     ("num_samples", "64", "damaged root attribute 'num_samples'"),
-    ("identity", {"encoding": "bf8"}, "unknown encoding 'bf8'"),
+    ("identity", {"encoding": "bf8"}, "damaged root attributes \\(unknown encoding 'bf8'"),
     ("views", None, "damaged root attribute 'views'"),
+    ("views", ["weak", {"x": 1}], "damaged root attributes \\(views must be"),
+    ("rounds", 0, "damaged root attributes \\(a store needs"),
 ])
 def test_old_or_damaged_root_attributes_are_refused(tmp_path, key, value, message):
     create(tmp_path / "s")

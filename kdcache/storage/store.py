@@ -103,7 +103,12 @@ def _check_root_attrs(path: Path, attrs: dict) -> None:
                 f"{path} has a damaged root attribute {key!r} ({_short(attrs.get(key))}); "
                 "recreate the store: rerun precompute with --overwrite"
             )
-    get_encoding(attrs["identity"].get("encoding"))
+    try:
+        _check_layout(attrs["num_samples"], attrs["num_classes"], attrs["rounds"], attrs["views"])
+        get_encoding(attrs["identity"].get("encoding")).check(attrs["num_classes"])
+    except KdcacheError as err:
+        raise KdcacheError(f"{path} has damaged root attributes ({err}); "
+                           "recreate the store: rerun precompute with --overwrite") from None
 
 
 @contextmanager
@@ -116,14 +121,18 @@ def _writing(path: Path) -> Iterator[None]:
                            "permissions, then rerun precompute (it resumes)") from None
 
 
-def check_views(views: list[str]) -> None:
-    """View slot names become directory names: keep them short, plain and distinct."""
-    if not views or len(views) > MAX_VIEWS or len(set(views)) != len(views) or not all(
-        isinstance(v, str) and _VIEW_NAME.fullmatch(v) for v in views
-    ):
+def _check_layout(num_samples, num_classes, rounds, views) -> None:
+    """Sizes a store can mean; view names become directory names: short, plain, distinct."""
+    if not all(isinstance(v, str) and _VIEW_NAME.fullmatch(v) for v in views) or not 1 <= len(views) <= MAX_VIEWS \
+            or len(set(views)) != len(views):
         raise KdcacheError(
             f"views must be 1 to {MAX_VIEWS} distinct names of letters, digits, '_' or '-' "
             f"(at most 64 characters), got {_short(views)}"
+        )
+    if num_samples < 1 or num_classes < 2 or not 1 <= rounds <= MAX_ROUNDS:
+        raise KdcacheError(
+            f"a store needs num_samples >= 1, num_classes >= 2, 1 <= rounds <= {MAX_ROUNDS}; "
+            f"got {num_samples}, {num_classes}, {rounds}"
         )
 
 
@@ -239,12 +248,7 @@ class LogitStore:
             raise ValueError(f"identity encoding {identity['encoding']!r} != encoding {enc.name!r}")
         identity["encoding"] = enc.name
         views = list(views)
-        check_views(views)
-        if num_samples < 1 or num_classes < 2 or not 1 <= rounds <= MAX_ROUNDS:
-            raise KdcacheError(
-                f"a store needs num_samples >= 1, num_classes >= 2, 1 <= rounds <= {MAX_ROUNDS}; "
-                f"got {num_samples}, {num_classes}, {rounds}"
-            )
+        _check_layout(num_samples, num_classes, rounds, views)
         enc.check(num_classes)
         attrs = _as_json(attrs or {}, "attrs")
 
