@@ -213,17 +213,18 @@ class ViewPolicy:
             start += step.streams
         return params
 
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], dense: bool = False) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], dense: bool | None = None) -> torch.Tensor:
+        """dense selects the device path (fixed shapes, no host sync, one compiled graph);
+        by default it is used on every device but the CPU, where the sparse path is
+        faster. Both give the same bits."""
+        if dense is None:
+            dense = images.device.type != "cpu"
         for step in self.steps:
             images = step.apply(images, params, dense)
         return images
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
-        """Views of `images` for `seeds`. dense selects the device path (fixed shapes, no
-        host sync, one compiled graph); by default it is used on every device but the CPU,
-        where the sparse path is faster. Both give the same bits."""
-        if dense is None:
-            dense = images.device.type != "cpu"
+        """Views of `images` for `seeds` (see `apply` for `dense`)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         if seeds.shape != images.shape[:1]:
