@@ -178,11 +178,15 @@ def _to_numpy_seeds(seeds) -> np.ndarray:
 
 
 def _size_on_disk(path: Path) -> int:
-    return sum(
-        os.path.getsize(os.path.join(folder, name))
-        for folder, _, names in os.walk(path)
-        for name in names
-    )
+    """Bytes of every file under `path`; a writer's temporary file may vanish meanwhile."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def _chunk_files(folder: Path) -> dict[str, int]:
