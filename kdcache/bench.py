@@ -24,7 +24,9 @@ from kdcache.augment import normalize
 from kdcache.data import DatasetMeta, make_loader, prepare_dataset
 from kdcache.distill import DistillConfig, build_job
 from kdcache.engine import autocast, make_optimizer, pick_device, prepare_model, to_model_input, train_step
+from kdcache.errors import KdcacheError
 from kdcache.models import create_model, file_sha256, save_checkpoint
+from kdcache.outputs import write_text_atomic
 from kdcache.precompute import PrecomputeConfig, compute_slab, load_teacher, replayer_for, store_identity
 from kdcache.recipes import make_recipe
 from kdcache.storage import LogitStore, list_encodings, measure_encoding
@@ -46,6 +48,20 @@ class BenchConfig:
     precompute_batch_size: int = 256
     precision: str = "fp32"
     device: str | None = None
+
+    def validate(self) -> None:
+        """One-line errors before any work: a bench that cannot measure anything should not start."""
+        if self.steps < 1 or self.warmup < 0:
+            raise KdcacheError(f"--steps must be at least 1, got {self.steps}")
+        if not 1 <= self.batch_size <= self.samples:
+            raise KdcacheError(f"--batch-size must lie in 1..--samples ({self.samples}), got {self.batch_size}")
+        if self.samples > MAX_SAMPLES:
+            raise KdcacheError(f"--samples must be at most {MAX_SAMPLES}, got {self.samples}")
+        if self.precision not in ("fp32", "bf16"):
+            raise KdcacheError(f"--precision must be fp32 or bf16, got '{self.precision}'")
+
+
+MAX_SAMPLES = 1 << 20  # a synthetic slab per view: 1M CIFAR-sized images is already 3 GB
 
 
 def device_name(device: torch.device) -> str:
@@ -74,7 +90,10 @@ def make_synthetic_dataset(out: Path, cfg: BenchConfig) -> DatasetMeta:
 
 def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure precompute vs plain inference, store sizes, and training steps/s per mode."""
+    cfg.validate()
     device = pick_device(cfg.device)
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise KdcacheError(f"--precision bf16 runs on CUDA only; on {device} use --precision fp32")
     result: dict[str, Any] = {"config": asdict(cfg), "device": device_name(device), "torch": torch.__version__,
                               "kdcache": kdcache.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
@@ -208,5 +227,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save_result(result: dict[str, Any], path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    if Path(path).is_dir():
+        raise KdcacheError(f"--out {path} is a directory; give a file name such as runs/bench.json")
+    write_text_atomic(Path(path), json.dumps(result, indent=2) + "\n")

@@ -14,7 +14,7 @@ from kdcache.data import DatasetMeta
 from kdcache.engine import TrainJob, fit, pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import create_model
+from kdcache.models import create_model, file_sha256
 from kdcache.paths import stores_root
 from kdcache.precompute import load_teacher, replayer_for
 from kdcache.recipes import Recipe
@@ -81,6 +81,8 @@ def build_job(cfg: DistillConfig) -> TrainJob:
     recipe = cfg.recipe
     loss = get_loss(cfg.loss, **recipe.loss_params)
     device = pick_device(cfg.device)
+    if recipe.precision == "bf16" and device.type != "cuda":
+        raise KdcacheError(f"--precision bf16 runs on CUDA only; on {device} use --precision fp32")
     torch.manual_seed(recipe.seed)  # the student's initial weights
     student = create_model(cfg.student, meta.num_classes)
     info: dict[str, Any] = {"teacher_mode": cfg.teacher_mode if loss.needs_teacher else "none"}
@@ -90,7 +92,10 @@ def build_job(cfg: DistillConfig) -> TrainJob:
         check_store(store, meta, loss.views)
         if cfg.rounds is not None and not 1 <= cfg.rounds <= store.rounds:
             raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
-        info.update(store=str(store.path), store_rounds=cfg.rounds or store.rounds, teacher=store.identity["teacher"])
+        info.update(store=str(Path(store.path).resolve()), store_rounds=cfg.rounds or store.rounds,
+                    teacher=store.identity["teacher"], store_identity=store.identity)
+    elif cfg.rounds is not None:
+        raise KdcacheError("--rounds selects rounds of a store; it needs a cached teacher or --store")
 
     # With a store, its keys: an online run then sees exactly the cached run's views.
     if store is not None:
@@ -109,7 +114,7 @@ def build_job(cfg: DistillConfig) -> TrainJob:
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes)
         teacher = OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
-        info["teacher"] = cfg.teacher
+        info.update(teacher=cfg.teacher, teacher_sha256=file_sha256(cfg.ckpt))
     else:
         raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
     return TrainJob(student=student, student_name=cfg.student, loss=loss, replayer=replayer, teacher=teacher,

@@ -23,8 +23,10 @@ from tqdm import tqdm
 
 from kdcache.augment import get_policy, normalize
 from kdcache.data import DatasetMeta, make_loader
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_difference, short_json, warn_once
+from kdcache.locks import FileLock
 from kdcache.models import read_checkpoint, save_checkpoint
+from kdcache.outputs import RUN_LOCK, check_run_out, read_run_config, remove_stale_temporaries, write_text_atomic
 from kdcache.recipes import Recipe
 from kdcache.replay import ViewReplayer
 
@@ -59,12 +61,20 @@ def pick_device(name: str | None) -> torch.device:
     """`cuda` when available unless told otherwise; the local rank's GPU under torchrun."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise KdcacheError(f"--device {name!r} is not a device kdcache trains on; use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise KdcacheError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise KdcacheError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                               f"numbered 0..{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
     return device
 
@@ -165,11 +175,27 @@ def fit(job: TrainJob, resume: bool = False) -> list[dict[str, Any]]:
     if len(loader) == 0:
         raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
     run_dir = Path(job.run_dir)
-    start_epoch, best_top1, history = 0, -1.0, []
-    if resume:
-        start_epoch, best_top1, history = _restore(run_dir, student, optimizer)
-    elif ctx.is_main:
-        _start_run_dir(run_dir, job)
+    check_run_out(run_dir)
+    if resume and not run_dir.is_dir():
+        raise KdcacheError(f"nothing to resume: {run_dir} does not exist; drop --resume to start a new run")
+    lock = _lock_run_dir(run_dir) if ctx.is_main else None
+    try:
+        start_epoch, best_top1, history = 0, -1.0, []
+        restored = _restore(run_dir, student, optimizer, job) if resume else None
+        if restored is not None:
+            start_epoch, best_top1, history = restored
+        elif ctx.is_main:
+            _start_run_dir(run_dir, job, resume)
+        ctx.barrier()
+        return _train(job, student, optimizer, loader, ctx, run_dir, start_epoch, best_top1, history)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(job: TrainJob, student: nn.Module, optimizer, loader, ctx: DistContext, run_dir: Path,
+           start_epoch: int, best_top1: float, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    recipe, device = job.recipe, job.device
     train_model: nn.Module = student
     if ctx.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -279,37 +305,99 @@ def _format_record(record: dict[str, Any]) -> str:
             f"{record['train_images_per_s']:.0f} img/s  {record['epoch_time_s']:.1f}s")
 
 
-def _start_run_dir(run_dir: Path, job: TrainJob) -> None:
+def run_identity(job: TrainJob) -> dict[str, Any]:
+    """What a run is: a resume must match it field for field (epochs may only grow).
+
+    The LR milestones are compared as resolved, so extending --epochs is allowed only when
+    the schedule does not move (explicit --lr-decay-epochs)."""
+    recipe = {k: v for k, v in job.recipe.to_dict().items() if k not in ("epochs", "lr_decay_epochs")}
+    return json.loads(json.dumps({
+        "student": job.student_name, "loss": job.loss.name, "loss_params": job.loss.params,
+        "recipe": {**recipe, "lr_milestones": job.recipe.decay_epochs()},
+        "dataset_fingerprint": job.meta.fingerprint,
+        **{key: job.info.get(key) for key in ("teacher_mode", "teacher", "teacher_sha256", "store", "store_rounds", "store_identity")},
+    }, default=str))
+
+
+def _lock_run_dir(run_dir: Path) -> FileLock:
+    """Create the run dir and hold its lock: a second process on the same --out stops at once."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KdcacheError(f"cannot create run dir {run_dir} ({err.strerror}); choose a writable --out") from None
+    lock = FileLock(run_dir / RUN_LOCK)
+    if not lock.try_acquire():
+        raise KdcacheError(f"run dir {run_dir} is in use by another kdcache process (pid {lock.holder()}); "
+                           "wait for it to finish or choose another --out")
+    remove_stale_temporaries(run_dir, ".*.pth.*.tmp")  # checkpoint writes a kill interrupted
+    return lock
+
+
+def _start_run_dir(run_dir: Path, job: TrainJob, resume: bool) -> None:
     if (run_dir / "last.pth").exists():
         raise KdcacheError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        warn_once(f"{run_dir} has no last.pth yet (the run stopped before its first checkpoint): starting it from epoch 1")
     config = {"student": job.student_name, "loss": job.loss.name, "loss_params": job.loss.params,
-              "recipe": job.recipe.to_dict(), "data": str(job.data_dir), **job.info}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (run_dir / "metrics.jsonl").write_text("")
+              "recipe": job.recipe.to_dict(), "data": str(job.data_dir), **job.info, "run_identity": run_identity(job)}
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    write_text_atomic(run_dir / "metrics.jsonl", "")
 
 
 def _save(run_dir: Path, student: nn.Module, optimizer, job: TrainJob, epoch: int, best_top1: float,
           history: list[dict[str, Any]], is_best: bool) -> None:
     info = dict(model_name=job.student_name, num_classes=job.meta.num_classes,
                 dataset_fingerprint=job.meta.fingerprint, mean=list(job.meta.mean), std=list(job.meta.std),
-                epoch=epoch, best_top1=best_top1, test_top1=history[-1]["test_top1"], loss=job.loss.name)
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(history[-1]) + "\n")
-    if is_best:
-        save_checkpoint(run_dir / "best.pth", student, **info)
-    save_checkpoint(run_dir / "last.pth", student, optimizer=optimizer.state_dict(), history=history, **info)
+                epoch=epoch, best_top1=best_top1, test_top1=history[-1]["test_top1"], loss=job.loss.name,
+                run_identity=run_identity(job), epochs=job.recipe.epochs)
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+        if is_best:
+            save_checkpoint(run_dir / "best.pth", student, **info)
+        save_checkpoint(run_dir / "last.pth", student, optimizer=optimizer.state_dict(), history=history, **info)
+    except OSError as err:
+        raise KdcacheError(f"cannot write the checkpoint of epoch {epoch} to {run_dir} ({err.strerror}); "
+                           "free some space, then rerun with --resume") from None
 
 
-def _restore(run_dir: Path, student: nn.Module, optimizer):
+def _restore(run_dir: Path, student: nn.Module, optimizer, job: TrainJob):
+    """(start epoch, best top-1, history) from last.pth; None when the run dir has none yet."""
     path = run_dir / "last.pth"
     if not path.exists():
-        raise KdcacheError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
+        if read_run_config(run_dir) is None:
+            raise KdcacheError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
+        return None
     ckpt = read_checkpoint(path)
+    _check_same_run(ckpt, job, run_dir)
     student.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     history = list(ckpt.get("history", []))
     # metrics.jsonl may hold epochs after the last checkpoint (a crash between the two writes).
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    if job.recipe.epochs != ckpt.get("epochs", job.recipe.epochs):
+        config = read_run_config(run_dir) or {}
+        config.setdefault("epochs_extended", []).append({"at_epoch": int(ckpt["epoch"]), "from": ckpt["epochs"],
+                                                         "to": job.recipe.epochs})
+        config["recipe"] = {**config.get("recipe", {}), "epochs": job.recipe.epochs}
+        write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     best = max((r["test_top1"] for r in history), default=-1.0)
     return int(ckpt["epoch"]), best, history
+
+
+def _check_same_run(ckpt: dict[str, Any], job: TrainJob, run_dir: Path) -> None:
+    """Refuse to resume a run with anything changed but a longer --epochs (one line naming the field)."""
+    current = run_identity(job)
+    # Checkpoints of kdcache 0.1 record only the student, loss and data.
+    stored = ckpt.get("run_identity") or {"student": ckpt.get("model_name"), "loss": ckpt.get("loss"),
+                                          "dataset_fingerprint": ckpt.get("dataset_fingerprint")}
+    diff = first_difference(stored, {k: current.get(k) for k in stored}, "")
+    if diff:
+        name, old, new = diff
+        raise KdcacheError(f"cannot resume {run_dir}: it was made with {name}={short_json(old)}, this command has "
+                           f"{name}={short_json(new)}; resume with the run's values (see its config.json) "
+                           "or start a new run with another --out")
+    done, planned = int(ckpt["epoch"]), ckpt.get("epochs", job.recipe.epochs)
+    if job.recipe.epochs < planned:
+        raise KdcacheError(f"cannot resume {run_dir} with --epochs {job.recipe.epochs}: the run was planned for "
+                           f"{planned} epochs ({done} done); --epochs may only grow")

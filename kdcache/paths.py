@@ -8,10 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kdcache.errors import KdcacheError
+
 
 def home() -> Path:
     """`$KDCACHE_HOME`, else `~/.cache/kdcache`."""
-    return Path(os.environ.get("KDCACHE_HOME", Path.home() / ".cache" / "kdcache"))
+    path = Path(os.environ.get("KDCACHE_HOME") or Path.home() / ".cache" / "kdcache")
+    if path.exists() and not path.is_dir():
+        raise KdcacheError(f"KDCACHE_HOME={path} is a file; point it to a directory (or unset it)")
+    return path
 
 
 def default_data_dir(dataset: str) -> Path:

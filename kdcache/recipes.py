@@ -7,6 +7,7 @@ for ShuffleNet and MobileNetV2 students), a YAML file, explicit command-line val
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,56 @@ def make_recipe(student: str, config: Path | None = None, **overrides: Any) -> R
     for key, value in values.items():
         if key not in known:
             raise KdcacheError(f"unknown recipe key '{key}'; valid keys: {', '.join(sorted(known))}")
+        if key == "loss_params" and not isinstance(value, dict):
+            raise KdcacheError(f"recipe loss_params must be a mapping like {{T: 4}}, got {value!r}")
         if key == "loss_params":
             recipe.loss_params = {**recipe.loss_params, **value}
         else:
             setattr(recipe, key, value)
-    if recipe.precision not in ("fp32", "bf16"):
-        raise KdcacheError(f"precision must be fp32 or bf16, got '{recipe.precision}'")
-    if recipe.epochs < 1 or recipe.batch_size < 1:
-        raise KdcacheError("epochs and batch_size must be at least 1")
+    validate_recipe(recipe)
     return recipe
+
+
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**63 - 1
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Types and ranges of every field, so a typo in YAML or a flag fails here, in one line,
+    instead of deep inside training (or, worse, training on something else)."""
+    def bad(key: str, expected: str):
+        raise KdcacheError(f"recipe {key} must be {expected}, got {getattr(recipe, key)!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v) -> bool:
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+    if not is_int(recipe.epochs) or not 1 <= recipe.epochs <= MAX_EPOCHS:
+        bad("epochs", f"an integer in 1..{MAX_EPOCHS}")
+    if not is_int(recipe.batch_size) or recipe.batch_size < 1:
+        bad("batch_size", "a positive integer")
+    if not is_number(recipe.lr) or recipe.lr <= 0:
+        bad("lr", "a positive number")
+    if not is_number(recipe.momentum) or not 0 <= recipe.momentum < 1:
+        bad("momentum", "a number in [0, 1)")
+    if not is_number(recipe.weight_decay) or recipe.weight_decay < 0:
+        bad("weight_decay", "a number >= 0")
+    if not is_number(recipe.lr_decay_rate) or not 0 < recipe.lr_decay_rate <= 1:
+        bad("lr_decay_rate", "a number in (0, 1]")
+    milestones = recipe.lr_decay_epochs
+    if milestones is not None and (not isinstance(milestones, list) or not all(is_int(m) and m >= 1 for m in milestones)
+                                   or milestones != sorted(set(milestones))):
+        bad("lr_decay_epochs", "increasing positive epochs like [150, 180, 210]")
+    if not is_int(recipe.seed) or not 0 <= recipe.seed <= MAX_SEED:
+        bad("seed", "an integer in 0..2^63-1")
+    if recipe.precision not in ("fp32", "bf16"):
+        bad("precision", "fp32 or bf16")
+    if not isinstance(recipe.channels_last, bool):
+        bad("channels_last", "true or false")
+    if not isinstance(recipe.loss_params, dict):
+        bad("loss_params", "a mapping of loss hyperparameters")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -17,11 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from kdcache.errors import KdcacheError
+from kdcache.outputs import check_report_out, write_atomic, write_text_atomic
 
 CURVES = "curves.png"
 ROUNDS = "rounds.png"
 CACHED_VS_ONLINE = "cached_vs_online.png"
 SUMMARY = "summary.md"
+REPORT_FILES = (CURVES, ROUNDS, CACHED_VS_ONLINE, SUMMARY)
 CONFIG_KEYS = ("student", "loss")
 METRIC_KEYS = ("epoch", "train_loss", "epoch_time_s", "train_images_per_s", "test_top1")
 
@@ -145,7 +147,7 @@ def plot_curves(runs: list[Run], out: Path) -> None:
     for ax in (acc_ax, loss_ax):
         _epoch_axis(ax)
     fig.legend(loc="outside lower center", ncols=min(len(runs), 3), fontsize="small")
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_rounds(runs: list[Run], out: Path) -> None:
@@ -170,7 +172,7 @@ def plot_rounds(runs: list[Run], out: Path) -> None:
            xlabel="cached rounds in the store (log2 scale)", ylabel="test top-1 (%)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center", fontsize="small")
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_cached_vs_online(pairs: list[tuple[Run, Run]], out: Path) -> None:
@@ -199,7 +201,7 @@ def plot_cached_vs_online(pairs: list[tuple[Run, Run]], out: Path) -> None:
     time_ax.set_ylim(0, time_ax.get_ylim()[1] * 1.12)  # room for the speedup labels
     time_ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=min(2 * len(pairs), 4), fontsize="small")
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def summary_markdown(runs: list[Run], pairs: list[tuple[Run, Run]], figures: list[str]) -> str:
@@ -232,7 +234,7 @@ def report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         raise KdcacheError("no run dir given; pass one or more dirs written by `kdcache train` / `kdcache distill`")
     runs = [load_run(p) for p in dict.fromkeys(Path(p) for p in run_dirs)]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_out(out, REPORT_FILES)
     figures = [CURVES]
     plot_curves(runs, out / CURVES)
     cached = [r for r in runs if r.mode == "cached" and r.rounds is not None]
@@ -243,5 +245,5 @@ def report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     if pairs:
         plot_cached_vs_online(pairs, out / CACHED_VS_ONLINE)
         figures.append(CACHED_VS_ONLINE)
-    (out / SUMMARY).write_text(summary_markdown(runs, pairs, figures))
+    write_text_atomic(out / SUMMARY, summary_markdown(runs, pairs, figures))
     return [out / name for name in figures + [SUMMARY]]

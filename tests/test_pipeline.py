@@ -96,6 +96,7 @@ def test_new_run_refuses_to_overwrite_and_resume_needs_a_run(digits_dir, teacher
     cfg.out = tmp_path / "none"
     with pytest.raises(KdcacheError, match="nothing to resume"):
         fit(build_job(cfg), resume=True)
+    assert not cfg.out.exists()
 
 
 # ---------------------------------------------------------------- precompute

@@ -9,6 +9,7 @@ import typer
 
 from kdcache.bench import BenchConfig, format_table, run_bench, save_result
 from kdcache.cli.app import app
+from kdcache.errors import KdcacheError
 
 
 @app.command("bench")
@@ -27,6 +28,8 @@ def bench_cmd(
 
     Example: kdcache bench --steps 20 --device cuda --out runs/bench-h100.json
     """
+    if out.is_dir():
+        raise KdcacheError(f"--out {out} is a directory; give a file name such as runs/bench.json")
     cfg = BenchConfig(teacher=teacher, student=student, samples=samples, steps=steps, batch_size=batch_size,
                       precision=precision, device=device)
     result = run_bench(cfg, echo=typer.echo)

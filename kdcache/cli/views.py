@@ -7,6 +7,7 @@ import typer
 
 from kdcache.augment import get_policy, render_grid, view_seeds
 from kdcache.errors import KdcacheError
+from kdcache.outputs import check_png_out, write_atomic
 
 views_app = typer.Typer(help="Inspect seeded augmentation views.", no_args_is_help=True)
 
@@ -45,6 +46,7 @@ def show(
     """
     from kdcache.data import load_split
 
+    check_png_out(out)
     images, _ = load_split(data, split)
     indices = parse_indices(index)
     if max(indices) >= len(images) or min(indices) < 0:
@@ -57,6 +59,6 @@ def show(
     shown = view_policy(chosen.repeat_interleave(views, dim=0), seeds.reshape(-1))
     originals = get_policy("identity", size)(chosen, torch.zeros(len(indices), dtype=torch.int64))
     grid = torch.cat([originals[:, None], shown.view(len(indices), views, *shown.shape[1:])], dim=1)
-    render_grid(grid.flatten(0, 1), out, ncol=views + 1, scale=scale)
+    write_atomic(out, lambda tmp: render_grid(grid.flatten(0, 1), tmp, ncol=views + 1, scale=scale))
     typer.echo(f"wrote {out}: {len(indices)} samples x (original + {views} {policy} views, "
                f"rounds {round}..{round + views - 1})")

@@ -18,6 +18,7 @@ pixels never depend on which JPEG decoder a machine happens to have.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ TYPE_RGB_IMAGE, TYPE_INT = 2, 1
 MODE_RAW = 1  # RGBImageField metadata mode (0 is JPEG)
 ALLOC_ENTRY_BYTES = 24  # one (sample_id, ptr, size) entry per image allocation
 PAGE_SIZE = 1 << 21  # ffcv's minimum; its 8 MiB default bloats small datasets
+CHECKED_IMAGES = 64  # images whose stored bytes `content_check` hashes
 
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                    ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
@@ -95,6 +97,35 @@ class BetonFile:
             self._corrupt("image sizes")
         self.height, self.width = int(self.image_meta["height"][0]), int(self.image_meta["width"][0])
         self.is_raw = bool(np.all(self.image_meta["mode"] == MODE_RAW))
+
+    def content_check(self) -> str:
+        """A cheap hash of what the file holds: sizes, every label and index, the image
+        metadata, and the stored bytes of CHECKED_IMAGES images spread over the file.
+        meta.json records it at prepare time, so betons swapped under a copied meta.json
+        (whose fingerprint would then vouch for other pixels) are refused on load."""
+        h = hashlib.sha256(np.array([self.num_samples, self.height, self.width], dtype="<u8").tobytes())
+        h.update(self.labels.astype("<i8").tobytes())
+        h.update(self.indices.astype("<i8").tobytes())
+        h.update(np.ascontiguousarray(self.image_meta).tobytes())
+        picks = np.unique(np.linspace(0, self.num_samples - 1, CHECKED_IMAGES).astype(np.int64))
+        ptrs = self.image_meta["data_ptr"][picks].astype(np.int64)
+        sizes = self._allocation_sizes(ptrs)
+        with open(self.path, "rb") as f:
+            for ptr, size in zip(ptrs.tolist(), sizes.tolist()):
+                f.seek(ptr)
+                h.update(f.read(size))
+        return h.hexdigest()
+
+    def _allocation_sizes(self, ptrs: np.ndarray) -> np.ndarray:
+        """Bytes stored at each data pointer, from the allocation table."""
+        header = np.fromfile(self.path, dtype=HEADER, count=1)[0]
+        table = np.fromfile(self.path, dtype="<u8", count=3 * self.num_samples,
+                            offset=int(header["alloc_table_ptr"])).reshape(-1, 3)
+        order = np.argsort(table[:, 1])
+        at = np.searchsorted(table[order, 1], ptrs)
+        if np.any(at >= len(order)) or np.any(table[order[np.minimum(at, len(order) - 1)], 1] != ptrs):
+            self._corrupt("allocation table")
+        return table[order[at], 2].astype(np.int64)
 
     def _corrupt(self, part: str):
         raise KdcacheError(f"{self.path} is truncated or corrupt ({part}); re-run `kdcache data prepare --overwrite`")

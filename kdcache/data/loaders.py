@@ -23,17 +23,31 @@ import numpy as np
 import torch
 
 from kdcache.data.beton import BetonFile
-from kdcache.errors import KdcacheError
+from kdcache.data.meta import DatasetMeta
+from kdcache.errors import KdcacheError, warn_once
 
 BACKENDS = ("auto", "memory", "ffcv")
 MEMORY_FRACTION = 0.25  # "auto" uses memory when the split takes at most this share of RAM / GPU memory
 FFCV_THREADS = min(2, os.cpu_count() or 1)
 
 
-def _beton(data_dir: str | Path, split: str) -> Path:
+def open_split(data_dir: str | Path, split: str) -> BetonFile:
+    """The split's beton, checked against the content check meta.json recorded for it."""
     if split not in ("train", "test"):
         raise KdcacheError(f"unknown split {split!r}; use 'train' or 'test'")
-    return Path(data_dir) / f"{split}.beton"
+    meta = DatasetMeta.load(data_dir)
+    beton = BetonFile(Path(data_dir) / f"{split}.beton")
+    expected = meta.split_checks.get(split)
+    if expected is None:
+        warn_once(f"{data_dir}/meta.json records no content check of {split}.beton (written by kdcache "
+                  f"{meta.kdcache_version}); it is used unchecked: re-run `kdcache data prepare` to add one")
+    elif beton.content_check() != expected:
+        raise KdcacheError(f"{beton.path} does not hold the data {data_dir}/meta.json describes (content check "
+                           "differs: the file was replaced or damaged); re-run `kdcache data prepare --overwrite`")
+    if beton.num_samples != meta.counts[split]:
+        raise KdcacheError(f"{beton.path} holds {beton.num_samples} samples, meta.json says {meta.counts[split]}; "
+                           "re-run `kdcache data prepare --overwrite`")
+    return beton
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
@@ -49,7 +63,10 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, 
 def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split in index order: (uint8 [N,3,H,W], int64 [N]). Raw betons are parsed
     with numpy (no ffcv needed); JPEG betons are decoded by ffcv."""
-    beton = BetonFile(_beton(data_dir, split))
+    return _read_split(open_split(data_dir, split))
+
+
+def _read_split(beton: BetonFile) -> tuple[torch.Tensor, torch.Tensor]:
     if not np.array_equal(beton.indices, np.arange(beton.num_samples)):
         raise KdcacheError(f"{beton.path}: index field is not 0..N-1; re-run `kdcache data prepare --overwrite`")
     if beton.is_raw:
@@ -68,12 +85,12 @@ def make_loader(data_dir: str | Path, split: str, batch_size: int, *, shuffle: b
     if batch_size < 1:
         raise KdcacheError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
-    beton = BetonFile(_beton(data_dir, split))
+    beton = open_split(data_dir, split)
     if backend == "auto":
         backend = "memory" if _fits_in_memory(beton, device) or not _has_ffcv() else "ffcv"
     args = dict(shuffle=shuffle, seed=seed, device=device, drop_last=drop_last, rank=rank, world_size=world_size)
     if backend == "memory":
-        return MemoryLoader(*load_split(data_dir, split), batch_size, **args)
+        return MemoryLoader(*_read_split(beton), batch_size, **args)
     if not _has_ffcv():
         raise KdcacheError("the ffcv backend needs the ffcv package; install it or use backend='memory'")
     return FfcvLoader(beton, batch_size, **args)

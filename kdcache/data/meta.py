@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +29,45 @@ class DatasetMeta:
     preprocessing: str  # what was done to the source pixels (kdcache.data.transform)
     image_encoding: str  # "raw" or "jpeg"
     kdcache_version: str
+    # split -> BetonFile.content_check() of its beton; {} in datasets written by kdcache 0.1
+    split_checks: dict[str, str] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         (Path(directory) / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "DatasetMeta":
-        path = Path(directory) / META_FILE
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise KdcacheError(f"--data {directory} is a file; pass the folder `kdcache data prepare` wrote")
+        path = directory / META_FILE
         try:
             data = json.loads(path.read_text())
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            meta = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "split_checks"})
         except FileNotFoundError:
             raise KdcacheError(f"missing {path}; prepare the dataset with `kdcache data prepare`") from None
+        except OSError as err:
+            raise KdcacheError(f"cannot read {path} ({err.strerror}); check its permissions") from None
         except (ValueError, KeyError, TypeError) as err:
             raise KdcacheError(f"{path} is corrupt ({type(err).__name__}: {err}); re-run `kdcache data prepare --overwrite`") from None
+        meta._check(path)
+        return meta
+
+    def _check(self, path: Path) -> None:
+        """Values a hand-edited or damaged meta.json may hold that would train on wrong inputs."""
+        def bad(what: str):
+            raise KdcacheError(f"{path}: {what}; re-run `kdcache data prepare --overwrite`")
+
+        numbers = [*self.mean, *self.std]
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(isinstance(v, (int, float)) for v in numbers):
+            bad(f"mean and std must be 3 numbers each, got {self.mean} and {self.std}")
+        if not all(math.isfinite(v) for v in numbers) or min(self.std) <= 0:
+            bad(f"std must be positive and mean/std finite, got mean {self.mean} std {self.std}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            bad(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if not isinstance(self.counts, dict) or not all(isinstance(self.counts.get(s), int) and self.counts[s] > 0
+                                                        for s in ("train", "test")):
+            bad(f"counts must give positive train and test sizes, got {self.counts!r}")
 
 
 def fingerprint(splits: list[tuple[np.ndarray, np.ndarray]]) -> str:

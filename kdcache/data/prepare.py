@@ -8,14 +8,17 @@ import uuid
 from pathlib import Path
 
 import kdcache
-from kdcache.data.beton import write_beton
+from kdcache.data.beton import BetonFile, write_beton
 from kdcache.data.meta import DatasetMeta, channel_stats, fingerprint
 from kdcache.data.sources import read_source
 from kdcache.data.transform import fit_to_size
 from kdcache.errors import KdcacheError
+from kdcache.locks import FileLock
+from kdcache.outputs import check_dataset_out, is_dataset_dir
 
 SPLITS = ("train", "test")
 WRITER_WORKERS = min(2, os.cpu_count() or 1)  # the writer is I/O + memcpy bound for raw images
+WORK_LOCK = ".lock"
 
 
 def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = None, size: int | None = None,
@@ -29,8 +32,7 @@ def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = N
     once complete, so a failure never leaves a half-written dataset behind.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise KdcacheError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    check_dataset_out(out, overwrite=overwrite, source=Path(root) if root is not None else None)
     if size is not None and not 1 <= size <= 4096:
         raise KdcacheError(f"--size must be between 1 and 4096, got {size}")
     limits = {"train": max_train, "test": max_test}
@@ -61,30 +63,55 @@ def prepare_dataset(source: str, out: str | Path, *, root: str | Path | None = N
         image_encoding="jpeg" if jpeg else "raw", kdcache_version=kdcache.__version__,
     )
 
+    remove_abandoned_work(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
     except OSError as err:
         raise KdcacheError(f"cannot create {tmp} ({err.strerror}); choose a writable --out") from None
+    lock = FileLock(tmp / WORK_LOCK)  # tells a later run that this folder is not abandoned
     try:
+        lock.try_acquire()
         for name in SPLITS:
             write_beton(tmp / f"{name}.beton", *splits[name], jpeg=jpeg, num_workers=WRITER_WORKERS)
+            meta.split_checks[name] = BetonFile(tmp / f"{name}.beton").content_check()
         meta.save(tmp)
-        _replace_dir(tmp, out)
+        (tmp / WORK_LOCK).unlink()
+        _replace_dir(tmp, out, overwrite)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KdcacheError(f"cannot write {out} ({err.strerror or err}); check free space and permissions") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return meta
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Renames tmp to out; an existing out (--overwrite) is moved aside first, then deleted."""
+def remove_abandoned_work(out: Path) -> None:
+    """Delete what a killed `prepare` into `out` left beside it: temporary folders whose
+    writer is gone (their lock is free) and replaced datasets it had not deleted yet."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*") if out.parent.is_dir() else []:
+        lock = FileLock(tmp / WORK_LOCK)
+        if (tmp / WORK_LOCK).is_file() and lock.try_acquire():
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock.release()
+    for old in out.parent.glob(f".{out.name}.old-*") if out.parent.is_dir() else []:
+        if is_dataset_dir(old):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames tmp to out; an existing dataset at out (--overwrite, checked to be one) is
+    moved aside first, then deleted. Another process that wrote out meanwhile wins."""
     old = None
     if out.exists():
+        if not (overwrite and is_dataset_dir(out)):
+            raise KdcacheError(f"{out} was created by another process while this one ran; "
+                               "pass --overwrite to replace it or choose another --out")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
     tmp.rename(out)
-    if old is not None and old.is_dir():
+    if old is not None:
         shutil.rmtree(old)
-    elif old is not None:
-        old.unlink()
