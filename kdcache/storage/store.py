@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_difference, short_json
 from kdcache.locks import FileLock
 from kdcache.storage.encodings import get_encoding, logit_errors, measure_encoding
 
@@ -42,7 +42,6 @@ MAX_ROUNDS = 100_000
 MAX_VIEWS = 64
 _VIEW_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LOCKS_DIR = "locks"
-_MISSING = "<absent>"
 _NOT_A_GROUP = (
     FileNotFoundError,
     NotADirectoryError,
@@ -100,7 +99,7 @@ def _check_root_attrs(path: Path, attrs: dict) -> None:
     for key, kind in _ROOT_TYPES.items():
         if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
             raise KdcacheError(
-                f"{path} has a damaged root attribute {key!r} ({_short(attrs.get(key))}); "
+                f"{path} has a damaged root attribute {key!r} ({short_json(attrs.get(key))}); "
                 "recreate the store: rerun precompute with --overwrite"
             )
     try:
@@ -127,7 +126,7 @@ def _check_layout(num_samples, num_classes, rounds, views) -> None:
             or len(set(views)) != len(views):
         raise KdcacheError(
             f"views must be 1 to {MAX_VIEWS} distinct names of letters, digits, '_' or '-' "
-            f"(at most 64 characters), got {_short(views)}"
+            f"(at most 64 characters), got {short_json(views)}"
         )
     if num_samples < 1 or num_classes < 2 or not 1 <= rounds <= MAX_ROUNDS:
         raise KdcacheError(
@@ -142,23 +141,6 @@ def _as_json(value, what: str):
         return json.loads(json.dumps(value))
     except TypeError as exc:
         raise KdcacheError(f"{what} must be JSON-serialisable: {exc}") from None
-
-
-def _first_difference(stored, given, name: str):
-    """(dotted field name, stored value, given value) of the first mismatch, or None."""
-    if isinstance(stored, dict) and isinstance(given, dict):
-        for key in list(given) + [k for k in stored if k not in given]:
-            field = f"{name}.{key}" if name else key
-            diff = _first_difference(stored.get(key, _MISSING), given.get(key, _MISSING), field)
-            if diff:
-                return diff
-        return None
-    return None if stored == given else (name, stored, given)
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _to_numpy_logits(logits) -> np.ndarray:
@@ -310,12 +292,12 @@ class LogitStore:
             "views": self.views,
         }
         given = {**identity, "num_samples": num_samples, "num_classes": num_classes, "views": views}
-        diff = _first_difference(stored, given, "")
+        diff = first_difference(stored, given)
         if diff:
             name, old, new = diff
             raise KdcacheError(
-                f"{self._path} was made with {name}={_short(old)}, "
-                f"this run has {name}={_short(new)}; "
+                f"{self._path} was made with {name}={short_json(old)}, "
+                f"this run has {name}={short_json(new)}; "
                 "pass --overwrite to replace it or choose another path"
             )
 
