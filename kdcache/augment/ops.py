@@ -45,7 +45,7 @@ def _blend(degenerate: torch.Tensor | int, images: torch.Tensor, factor: torch.T
     return (degenerate + product).clamp_(0, 255).to(torch.uint8)
 
 
-def grayscale(images: torch.Tensor) -> torch.Tensor:
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
     """PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2**15) >> 16, int32 [N, 1, H, W]."""
     r, g, b = images.to(torch.int32).unbind(1)
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
@@ -56,12 +56,12 @@ def brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def color(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(grayscale(images), images, factor)
+    return _blend(_grayscale(images), images, factor)
 
 
 def contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the grey image's mean rounded half up (PIL: int(mean + 0.5)), in integers."""
-    grey = grayscale(images).to(torch.int64)
+    grey = _grayscale(images).to(torch.int64)
     count = grey.shape[-2] * grey.shape[-1]
     total = grey.sum(dim=(1, 2, 3), keepdim=True)
     mean = (2 * total + count) // (2 * count)
@@ -92,8 +92,8 @@ def posterize(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
 
     Clamped to 0..8 bits so that rows holding another op's magnitude stay valid.
     """
-    bits = magnitude.floor().clamp(0, 8)
-    keep = (256 - torch.pow(2.0, 8 - bits)).to(torch.uint8)
+    dropped = 8 - magnitude.floor().clamp(0, 8).to(torch.int64)
+    keep = ((255 >> dropped) << dropped).to(torch.uint8)
     return images & _per_sample(keep)
 
 
