@@ -8,8 +8,6 @@ integer histograms), never on the rest of the batch, and no op reads a value bac
 the host or has a data-dependent shape.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
