@@ -93,7 +93,7 @@ def build_job(cfg: DistillConfig) -> TrainJob:
         if cfg.rounds is not None and not 1 <= cfg.rounds <= store.rounds:
             raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
         info.update(store=str(Path(store.path).resolve()), store_rounds=cfg.rounds or store.rounds,
-                    teacher=store.identity["teacher"], store_identity=store.identity)
+                    teacher=store.identity["teacher"], store_identity=store.identity, rounds=cfg.rounds)
     elif cfg.rounds is not None:
         raise KdcacheError("--rounds selects rounds of a store; it needs a cached teacher or --store")
 
@@ -114,7 +114,7 @@ def build_job(cfg: DistillConfig) -> TrainJob:
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes)
         teacher = OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
-        info.update(teacher=cfg.teacher, teacher_sha256=file_sha256(cfg.ckpt))
+        info.update(teacher=cfg.teacher, ckpt=str(cfg.ckpt), teacher_sha256=file_sha256(cfg.ckpt))
     else:
         raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
     return TrainJob(student=student, student_name=cfg.student, loss=loss, replayer=replayer, teacher=teacher,

@@ -310,7 +310,8 @@ def run_identity(job: TrainJob) -> dict[str, Any]:
 
     The LR milestones are compared as resolved, so extending --epochs is allowed only when
     the schedule does not move (explicit --lr-decay-epochs)."""
-    recipe = {k: v for k, v in job.recipe.to_dict().items() if k not in ("epochs", "lr_decay_epochs")}
+    # The loss's resolved parameters stand for recipe.loss_params (its overrides only).
+    recipe = {k: v for k, v in job.recipe.to_dict().items() if k not in ("epochs", "lr_decay_epochs", "loss_params")}
     return json.loads(json.dumps({
         "student": job.student_name, "loss": job.loss.name, "loss_params": job.loss.params,
         "recipe": {**recipe, "lr_milestones": job.recipe.decay_epochs()},

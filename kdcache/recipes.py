@@ -1,7 +1,9 @@
-"""Training recipes: the standard CIFAR recipe, overridable from YAML and the command line.
+"""Training recipes and run config files.
 
-Precedence, lowest first: the defaults below, per-student defaults (METHODS.md: LR 0.01
-for ShuffleNet and MobileNetV2 students), a YAML file, explicit command-line values.
+Precedence, lowest first: the defaults below, per-student defaults (LR 0.01 for
+ShuffleNet and MobileNetV2 students, as the papers train them), a config file (YAML; a
+run's own config.json is one), explicit command-line values. The file format is
+documented in docs/configs.md.
 """
 
 from __future__ import annotations
@@ -47,27 +49,59 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def make_recipe(student: str, config: Path | None = None, **overrides: Any) -> Recipe:
-    """Build the recipe for `student`: defaults, then `config` (YAML), then non-None overrides."""
+RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
+# What a run is besides its recipe: the keys of a config file's top level.
+RUN_KEYS = ("student", "loss", "data", "store", "rounds", "teacher_mode", "teacher", "ckpt")
+# What a run's config.json records for the reader; read back, they are ignored (the run's
+# checks recompute them: see engine.run_identity).
+RECORDED_KEYS = frozenset({"store_rounds", "store_identity", "run_identity", "teacher_sha256", "epochs_extended"})
+
+
+def make_recipe(student: str, values: dict[str, Any] | None = None, **overrides: Any) -> Recipe:
+    """Build the recipe for `student`: defaults, then `values` (a config file's recipe part),
+    then non-None overrides. `loss_params` merge key by key at each level."""
     recipe = Recipe()
     if student in LOW_LR_STUDENTS:
         recipe.lr = 0.01
-    values: dict[str, Any] = {}
-    if config is not None:
-        values.update(_read_yaml(config))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(Recipe)}
-    for key, value in values.items():
-        if key not in known:
-            raise KdcacheError(f"unknown recipe key '{key}'; valid keys: {', '.join(sorted(known))}")
-        if key == "loss_params" and not isinstance(value, dict):
-            raise KdcacheError(f"recipe loss_params must be a mapping like {{T: 4}}, got {value!r}")
-        if key == "loss_params":
-            recipe.loss_params = {**recipe.loss_params, **value}
-        else:
-            setattr(recipe, key, value)
+    for layer in (values or {}, {k: v for k, v in overrides.items() if v is not None}):
+        for key, value in layer.items():
+            if key not in RECIPE_KEYS:
+                raise KdcacheError(f"unknown recipe key '{key}'; valid keys: {', '.join(sorted(RECIPE_KEYS))}")
+            if key == "loss_params" and not isinstance(value, dict):
+                raise KdcacheError(f"recipe loss_params must be a mapping like {{T: 4}}, got {value!r}")
+            if key == "loss_params":
+                recipe.loss_params = {**recipe.loss_params, **value}
+            else:
+                setattr(recipe, key, value)
     validate_recipe(recipe)
     return recipe
+
+
+def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run keys, recipe values) of a config file: YAML, or a run's config.json.
+
+    Recipe keys may sit at the top level or under `recipe:`; `loss_params` at the top
+    level belongs to the recipe. Unknown keys are an error, never ignored."""
+    data = _read_yaml(path)
+    nested = data.pop("recipe", None) or {}
+    if not isinstance(nested, dict):
+        raise KdcacheError(f"config {path}: recipe must be a mapping of recipe keys to values")
+    run = {key: data.pop(key) for key in RUN_KEYS if key in data}
+    flat = {key: data.pop(key) for key in list(data) if key in RECIPE_KEYS}
+    unknown = sorted(set(data) - RECORDED_KEYS)
+    if unknown:
+        raise KdcacheError(f"config {path}: unknown key '{unknown[0]}'; valid keys: "
+                           f"{', '.join(sorted({*RUN_KEYS, *RECIPE_KEYS, 'recipe'}))}")
+    both = sorted(set(flat) & set(nested) - {"loss_params"})
+    if both:
+        raise KdcacheError(f"config {path}: '{both[0]}' is given both at the top level and under recipe:")
+    params: dict[str, Any] = {}
+    for part in (nested, flat):
+        value = part.pop("loss_params", None) or {}
+        if not isinstance(value, dict):
+            raise KdcacheError(f"config {path}: loss_params must be a mapping like {{T: 4}}, got {value!r}")
+        params.update(value)
+    return run, {**nested, **flat, **({"loss_params": params} if params else {})}
 
 
 MAX_EPOCHS = 100_000
@@ -122,7 +156,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise KdcacheError(f"config {path} must be a mapping of recipe keys to values")
+        raise KdcacheError(f"config {path} must be a mapping of keys to values (see docs/configs.md)")
     return data
 
 

@@ -186,7 +186,7 @@ CORPUS = {
                             "loss_params must be a mapping"),
     "YAML lr as a list": ([*TRAIN, "--config", "{tmp}/recipe.yaml"], yaml_config("lr: [0.1]\n"), "lr must be"),
     "YAML a list": ([*TRAIN, "--config", "{tmp}/recipe.yaml"], yaml_config("- 1\n- 2\n"), "must be a mapping"),
-    "YAML unknown key": ([*TRAIN, "--config", "{tmp}/recipe.yaml"], yaml_config("lrr: 0.1\n"), "unknown recipe key"),
+    "YAML unknown key": ([*TRAIN, "--config", "{tmp}/recipe.yaml"], yaml_config("lrr: 0.1\n"), "unknown key 'lrr'"),
     "text file as a checkpoint": (["eval", "--model", "resnet8", "--data", "{data}", "--ckpt", "{tmp}/ckpt.pth"],
                                   file_with("ckpt.pth", b"not a checkpoint\n"), "cannot read checkpoint"),
     "random bytes as a checkpoint": (["eval", "--model", "resnet8", "--data", "{data}", "--ckpt", "{tmp}/ckpt.pth"],

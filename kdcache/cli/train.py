@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,11 +16,11 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import list_losses
 from kdcache.models import create_model, list_models, load_weights
 from kdcache.paths import default_data_dir
-from kdcache.recipes import make_recipe, parse_key_values
+from kdcache.recipes import Recipe, load_config_file, make_recipe, parse_key_values
 
-DataOpt = Annotated[Path, typer.Option("--data", help="Dataset dir from `kdcache data prepare`.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset dir from `kdcache data prepare` (default: $KDCACHE_HOME/data/cifar100).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run dir (config.json, metrics.jsonl, last.pth, best.pth). Default: runs/<model>-<loss>.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML recipe file; command-line values override it.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file (YAML, or a run's config.json; see docs/configs.md); command-line values override it.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 240).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per process (default 64).")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Base LR (default 0.05; 0.01 for MobileNetV2/ShuffleNet).")]
@@ -34,13 +34,28 @@ BackendOpt = Annotated[str, typer.Option("--backend", help="Loader backend: auto
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
 
 
-def _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision, loss_params=None):
+def _run_config(config: Path | None, out: Path | None, resume: bool, run_flags: dict[str, Any],
+                recipe_flags: dict[str, Any], lr_decay_epochs: str | None,
+                loss_param: list[str] | None = None) -> tuple[dict[str, Any], Recipe]:
+    """The run's keys and recipe: defaults < config file < flags. With --resume and no
+    --config, the config file is the run's own config.json, so a resume needs no flags."""
+    if config is None and resume and out is not None and (out / "config.json").is_file():
+        config = out / "config.json"
+    run, values = load_config_file(config) if config is not None else ({}, {})
+    run.update({key: value for key, value in run_flags.items() if value is not None})
+    for key, value in run.items():
+        expected = int if key == "rounds" else str
+        if value is not None and not (isinstance(value, expected) and not isinstance(value, bool)):
+            raise KdcacheError(f"{key} must be {'an integer' if expected is int else 'a string'}, got {value!r}")
+    if not run.get("student"):
+        raise KdcacheError("no student given: pass --student (--model for train) or set student: in --config")
     try:
         decay = [int(e) for e in lr_decay_epochs.split(",")] if lr_decay_epochs else None
     except ValueError:
         raise KdcacheError(f"--lr-decay-epochs takes comma-separated epochs like 150,180,210, got '{lr_decay_epochs}'") from None
-    return make_recipe(student, config, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                       lr_decay_epochs=decay, seed=seed, precision=precision, loss_params=loss_params)
+    recipe = make_recipe(run["student"], values, **recipe_flags, lr_decay_epochs=decay,
+                         loss_params=parse_key_values(loss_param) or None)
+    return run, recipe
 
 
 def _report(history: list[dict], out: Path) -> None:
@@ -51,8 +66,8 @@ def _report(history: list[dict], out: Path) -> None:
 
 @app.command("train")
 def train(
-    model: Annotated[str, typer.Option("--model", help=f"Model to train: {', '.join(list_models())}.")],
-    data: DataOpt = default_data_dir("cifar100"),
+    model: Annotated[Optional[str], typer.Option("--model", help=f"Model to train: {', '.join(list_models())}; or timm:ARCH, or package.module:factory (called with num_classes=N).")] = None,
+    data: DataOpt = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
@@ -71,24 +86,28 @@ def train(
 
     Example: kdcache train --model resnet20 --data data/fmnist --epochs 2 --out runs/resnet20
     """
-    recipe = _recipe(model, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision)
-    out = out or Path("runs") / f"{model}-ce"
-    history = distill(DistillConfig(student=model, loss="ce", data_dir=data, out=out, recipe=recipe, device=device,
-                                    backend=backend, show_progress=not quiet), resume=resume)
+    run, recipe = _run_config(config, out, resume, {"student": model, "data": _str(data)},
+                              dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                                   precision=precision), lr_decay_epochs)
+    if run.get("loss", "ce") != "ce":
+        raise KdcacheError(f"train trains with cross-entropy, the config says loss: {run['loss']}; use `kdcache distill`")
+    out = out or Path("runs") / f"{run['student']}-ce"
+    history = distill(DistillConfig(student=run["student"], loss="ce", data_dir=_data_dir(run), out=out, recipe=recipe,
+                                    device=device, backend=backend, show_progress=not quiet), resume=resume)
     _report(history, out)
 
 
 @app.command("distill")
 def distill_cmd(
-    student: Annotated[str, typer.Option("--student", help="Student model name (see `kdcache train --help`).")],
-    loss: Annotated[str, typer.Option("--loss", help=f"Loss: {', '.join(list_losses())}.")] = "crld",
+    student: Annotated[Optional[str], typer.Option("--student", help="Student model name (see `kdcache train --help`); or student: in --config.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help=f"Loss: {', '.join(list_losses())} (default crld).")] = None,
     store: Annotated[Optional[Path], typer.Option("--store", help="Logit store (default: the one under KDCACHE_HOME made from --data).")] = None,
-    teacher_mode: Annotated[str, typer.Option("--teacher-mode", help="cached (from the store) or online (live teacher, the baseline).")] = "cached",
+    teacher_mode: Annotated[Optional[str], typer.Option("--teacher-mode", help="cached (from the store, default) or online (live teacher, the baseline).")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model name (online mode).")] = None,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Teacher checkpoint (online mode).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Use only the store's first N rounds (epoch e uses round e mod N).")] = None,
     loss_param: Annotated[Optional[list[str]], typer.Option("--loss-param", help="Loss hyperparameter override key=value, repeatable (e.g. T=2).")] = None,
-    data: DataOpt = default_data_dir("cifar100"),
+    data: DataOpt = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
@@ -107,23 +126,43 @@ def distill_cmd(
 
     Example: kdcache distill --student resnet8x4 --loss crld --data data/cifar100 --out runs/r8x4-crld
     """
-    recipe = _recipe(student, config, epochs, batch_size, lr, weight_decay, lr_decay_epochs, seed, precision,
-                     parse_key_values(loss_param))
-    out = out or Path("runs") / f"{student}-{loss}-{teacher_mode}"
-    cfg = DistillConfig(student=student, loss=loss, data_dir=data, out=out, recipe=recipe, store=store, rounds=rounds,
-                        teacher_mode=teacher_mode, teacher=teacher, ckpt=ckpt, device=device, backend=backend,
+    run, recipe = _run_config(
+        config, out, resume,
+        {"student": student, "loss": loss, "store": _str(store), "teacher_mode": teacher_mode, "teacher": teacher,
+         "ckpt": _str(ckpt), "rounds": rounds, "data": _str(data)},
+        dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, precision=precision),
+        lr_decay_epochs, loss_param)
+    loss = run.get("loss") or "crld"
+    # A CE run's config.json records teacher_mode "none": no teacher, so nothing to carry over.
+    teacher_mode = run.get("teacher_mode") if run.get("teacher_mode") not in (None, "none") else "cached"
+    out = out or Path("runs") / f"{run['student']}-{loss}-{teacher_mode}"
+    cfg = DistillConfig(student=run["student"], loss=loss, data_dir=_data_dir(run), out=out, recipe=recipe,
+                        store=_path(run.get("store")), rounds=run.get("rounds"), teacher_mode=teacher_mode,
+                        teacher=run.get("teacher"), ckpt=_path(run.get("ckpt")), device=device, backend=backend,
                         show_progress=not quiet)
     job = build_job(cfg)
-    rounds = job.info.get("store_rounds")
-    if rounds is not None and recipe.epochs > rounds:
-        typer.echo(f"note: {recipe.epochs} epochs > {rounds} rounds in the store: epoch e uses round e mod {rounds}")
+    store_rounds = job.info.get("store_rounds")
+    if store_rounds is not None and recipe.epochs > store_rounds:
+        typer.echo(f"note: {recipe.epochs} epochs > {store_rounds} rounds in the store: epoch e uses round e mod {store_rounds}")
     _report(fit(job, resume=resume), out)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
+
+
+def _data_dir(run: dict[str, Any]) -> Path:
+    return Path(run["data"]) if run.get("data") else default_data_dir("cifar100")
 
 
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", help="Model name.")],
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint: kdcache, mdistiller ({'model': ...}), torchvision or a plain state dict.")],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint: kdcache, mdistiller ({'model': ...}), timm ({'state_dict': ...}), torchvision, a plain state dict or safetensors.")],
     data: DataOpt = default_data_dir("cifar100"),
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 256,
     device: DeviceOpt = None,
