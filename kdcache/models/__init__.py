@@ -1,11 +1,17 @@
-"""Model zoo built by name.
+"""The one model registry: every teacher and student is built here from its name.
 
-CIFAR models (32x32 inputs) reproduce mdistiller/RepDistiller architectures with their
-parameter names, so that zoo's teacher checkpoints load strictly; ImageNet models come from
-torchvision, randomly initialised. Names are case-sensitive: `ResNet18` is the CIFAR
-variant (3x3 stem, no max-pool), `resnet18` torchvision's ImageNet one.
+A name is one of three forms:
+- a zoo name (`MODELS`): CIFAR models (32x32 inputs) reproducing mdistiller/RepDistiller
+  architectures with their parameter names, so that zoo's teacher checkpoints load
+  strictly, and torchvision ImageNet models. Names are case-sensitive: `ResNet18` is the
+  CIFAR variant (3x3 stem, no max-pool), `resnet18` torchvision's ImageNet one.
+- `timm:ARCH`, any timm architecture (`timm:resnet50`); needs the optional `timm` extra.
+- `package.module:factory`, any importable callable called as `factory(num_classes=N)`
+  that returns an `nn.Module` whose forward maps float images [B,3,H,W] to logits [B,N].
+All are randomly initialised (nothing is downloaded); weights come from `load_weights`.
 """
 
+import importlib
 from collections.abc import Callable
 from functools import partial
 
@@ -51,15 +57,53 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
 def list_models() -> list[str]:
-    """Names accepted by `create_model`, sorted."""
+    """Zoo names, sorted; `create_model` also takes `timm:ARCH` and `package.module:factory`."""
     return sorted(MODELS)
 
 
+def _timm_model(arch: str, num_classes: int) -> nn.Module:
+    """A timm architecture with random weights (pretrained=False: never downloads)."""
+    try:
+        import timm  # optional: only users of timm models install it
+    except ImportError:
+        raise KdcacheError(f"model '{TIMM_PREFIX}{arch}' needs timm: pip install 'kdcache[timm]'") from None
+    if not timm.is_model(arch):
+        raise KdcacheError(f"timm has no model '{arch}' (timm.list_models() lists them)")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def _imported_model(path: str, num_classes: int) -> nn.Module:
+    """`package.module:factory` called as factory(num_classes=N): the user's own architecture."""
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise KdcacheError(f"model '{path}': cannot import {module_name} ({e}); install it or add its "
+                           "folder to PYTHONPATH") from None
+    except AttributeError:
+        raise KdcacheError(f"model '{path}': module {module_name} has no '{attr}'") from None
+    model = factory(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise KdcacheError(f"model '{path}': {attr}(num_classes={num_classes}) returned a "
+                           f"{type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def create_model(name: str, num_classes: int) -> nn.Module:
-    """Build model `name` with a `num_classes`-way head; its forward returns logits [B, num_classes]."""
-    if name not in MODELS:
-        raise KdcacheError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    """Build model `name` (a zoo name, `timm:ARCH` or `package.module:factory`) with a
+    `num_classes`-way head; its forward returns logits [B, num_classes]."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise KdcacheError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return MODELS[name](num_classes)
+    if name in MODELS:
+        return MODELS[name](num_classes)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name[len(TIMM_PREFIX):], num_classes)
+    module_name, _, attr = name.partition(":")
+    if module_name and attr.isidentifier():
+        return _imported_model(name, num_classes)
+    raise KdcacheError(f"unknown model {name!r}; use one of {', '.join(list_models())}, "
+                       "timm:ARCH, or package.module:factory")
