@@ -35,6 +35,7 @@ class DistillConfig:
     teacher_mode: str = "cached"  # cached | online
     teacher: str | None = None  # online mode
     ckpt: Path | None = None  # online mode
+    trust_checkpoint: bool = False  # online mode: unpickle a teacher file holding arbitrary Python objects
     device: str | None = None
     backend: str = "auto"
     show_progress: bool = True
@@ -112,7 +113,7 @@ def build_job(cfg: DistillConfig) -> TrainJob:
     elif cfg.teacher_mode == "online":
         if cfg.teacher is None or cfg.ckpt is None:
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
-        model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes)
+        model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes, cfg.trust_checkpoint)
         teacher = OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
         info.update(teacher=cfg.teacher, ckpt=str(cfg.ckpt), teacher_sha256=file_sha256(cfg.ckpt))
     else:

@@ -44,14 +44,15 @@ class PrecomputeConfig:
     device: str | None = None
     overwrite: bool = False
     backend: str = "auto"
+    trust_checkpoint: bool = False  # unpickle a teacher file holding arbitrary Python objects
 
 
-def load_teacher(name: str, ckpt: Path, num_classes: int) -> nn.Module:
+def load_teacher(name: str, ckpt: Path, num_classes: int, trusted: bool = False) -> nn.Module:
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise KdcacheError(f"teacher checkpoint {ckpt} not found; pass --ckpt PATH (or train one with `kdcache train`)")
     model = create_model(name, num_classes)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, trusted=trusted)
     return model.eval()
 
 
@@ -114,7 +115,7 @@ def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
     precision = run_precision(cfg.precision, device)
     ctx = init_distributed(device)
     meta = DatasetMeta.load(cfg.data_dir)
-    teacher = prepare_model(load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes), device)
+    teacher = prepare_model(load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes, cfg.trust_checkpoint), device)
     identity = store_identity(cfg, meta, file_sha256(cfg.ckpt))
     path = Path(cfg.out) if cfg.out is not None else default_store_path(identity)
     if ctx.is_main:
@@ -218,7 +219,7 @@ def run_teacher_on_slab(teacher: nn.Module, replayer: ViewReplayer, loader, roun
 
 
 def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tolerance: float = 1e-3,
-           device: str | None = None, seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
+           device: str | None = None, seed: int = 0, batch_size: int = 256, trusted: bool = False) -> dict[str, Any]:
     """Recompute the teacher on `samples` random stored views and compare with the store.
 
     A view passes when |stored - recomputed| <= (the slab's recorded encoding error) + tolerance
@@ -244,7 +245,7 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
     if not complete:
         raise KdcacheError(f"{store_path} has no complete slab to verify; run precompute first")
     dev = pick_device(device)
-    teacher = prepare_model(load_teacher(ident["teacher"], ckpt, store.num_classes), dev)
+    teacher = prepare_model(load_teacher(ident["teacher"], ckpt, store.num_classes, trusted), dev)
     replayer = replayer_for(store)
     images = load_split(data_dir, "train")[0]
     n = store.num_samples

@@ -7,11 +7,21 @@ that need them skip when that folder is absent.
 import argparse
 import hashlib
 import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+import types
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from kdcache.cli import main
 from kdcache.errors import KdcacheError
 from kdcache.models import (
     create_model,
@@ -188,15 +198,179 @@ def test_read_checkpoint_errors(tmp_path):
         load_weights(create_model("resnet8", 10), tmp_path / "nodict.pth")
 
 
-def test_checkpoint_with_python_objects_needs_trust(tmp_path, resnet8_sd):
+def test_random_bytes_are_a_one_line_error(tmp_path):
+    (tmp_path / "noise.pth").write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(KdcacheError, match="cannot read checkpoint") as info:
+        read_checkpoint(tmp_path / "noise.pth")
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_with_python_objects_needs_trust(tmp_path, resnet8_sd, capsys):
     # RepDistiller-style files may pickle the run's options.
     torch.save({"model": resnet8_sd, "opt": argparse.Namespace(lr=0.05)}, tmp_path / "w.pth")
     model = create_model("resnet8", 10)
-    with pytest.raises(KdcacheError, match="trusted=True"):
+    with pytest.raises(KdcacheError, match=r"argparse\.Namespace.*--trust-checkpoint") as info:
         load_weights(model, tmp_path / "w.pth")
+    assert "\n" not in str(info.value)
     checkpoint = load_weights(model, tmp_path / "w.pth", trusted=True)
     assert checkpoint["opt"].lr == 0.05
     assert torch.equal(model.conv1.weight, resnet8_sd["conv1.weight"])
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: unpickling") and warning.count("\n") == 1
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Names numpy's globals as numpy 1.x did (numpy.core.multiarray.scalar), as the
+    released mdistiller/RepDistiller teachers have them."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if not module.startswith("numpy._core"):
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core'):]}\n{obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+@pytest.mark.parametrize("numpy_names", ["1.x", "2.x"])
+def test_checkpoint_with_numpy_scalars_loads_without_trust(tmp_path, resnet8_sd, numpy_names):
+    pickler = types.ModuleType("numpy1_pickle")
+    pickler.Pickler = _Numpy1Pickler
+    path = tmp_path / "ckpt_epoch_240.pth"
+    payload = {"model": resnet8_sd, "epoch": np.int64(240), "accuracy": np.float64(71.5), "best_acc": np.float32(70.25)}
+    torch.save(payload, path, pickle_module=pickler if numpy_names == "1.x" else pickle)
+    with zipfile.ZipFile(path) as z:
+        pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert (b"numpy.core.multiarray\nscalar" in pickled) == (numpy_names == "1.x")
+    model = create_model("resnet8", 10)
+    checkpoint = load_weights(model, path)
+    assert checkpoint["epoch"] == 240 and isinstance(checkpoint["epoch"], np.int64)
+    assert checkpoint["accuracy"] == 71.5 and checkpoint["best_acc"] == np.float32(70.25)
+    assert torch.equal(model.conv1.weight, resnet8_sd["conv1.weight"])
+
+
+def test_timm_model_by_name(tmp_path):
+    pytest.importorskip("timm")
+    model = create_model("timm:test_resnet", 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.shape == (2, 10)
+    # timm's train.py checkpoint: weights under "state_dict", its options as a Namespace.
+    torch.save({"epoch": 3, "arch": "test_resnet", "state_dict": model.state_dict(), "version": 2,
+                "args": argparse.Namespace(model="test_resnet")}, tmp_path / "last.pth.tar")
+    restored = create_model("timm:test_resnet", 10).eval()
+    with pytest.raises(KdcacheError, match="--trust-checkpoint"):
+        load_weights(restored, tmp_path / "last.pth.tar")
+    load_weights(restored, tmp_path / "last.pth.tar", trusted=True)
+    with torch.no_grad():
+        assert torch.equal(restored(x), expected)
+    with pytest.raises(KdcacheError, match="timm has no model 'no_such_net'"):
+        create_model("timm:no_such_net", 10)
+
+
+def test_timm_model_without_timm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(KdcacheError, match=r"needs timm: pip install 'kdcache\[timm\]'"):
+        create_model("timm:resnet50", 10)
+
+
+NETS_MODULE = """
+from torch import nn
+
+def tiny(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+def not_a_model(num_classes):
+    return num_classes
+"""
+
+
+@pytest.fixture()
+def nets_module(tmp_path, monkeypatch):
+    """A user's module `kdcache_test_nets` with factories, importable from tmp_path."""
+    (tmp_path / "kdcache_test_nets.py").write_text(NETS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kdcache_test_nets", raising=False)
+    return tmp_path
+
+
+def test_model_from_import_path(nets_module):
+    model = create_model("kdcache_test_nets:tiny", 7).eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+    save_checkpoint(nets_module / "tiny.pt", model, model_name="kdcache_test_nets:tiny")
+    restored = create_model("kdcache_test_nets:tiny", 7)
+    load_weights(restored, nets_module / "tiny.pt")
+    assert torch.equal(restored[3].weight, model[3].weight)
+    for name, error in [("kdcache_absent_nets:tiny", "cannot import kdcache_absent_nets"),
+                        ("kdcache_test_nets:absent", "has no 'absent'"),
+                        ("kdcache_test_nets:not_a_model", "returned a int, not a torch.nn.Module"),
+                        ("kdcache_test_nets:", "unknown model")]:
+        with pytest.raises(KdcacheError, match=error):
+            create_model(name, 7)
+
+
+def test_safetensors_round_trip(tmp_path, resnet8_sd):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    # timm and Hugging Face publish weights as safetensors; the format is read from the content.
+    for name in ("model.safetensors", "weights.bin"):
+        safetensors_torch.save_file(resnet8_sd, tmp_path / name)
+        model = create_model("resnet8", 10)
+        load_weights(model, tmp_path / name)
+        assert all(torch.equal(v, resnet8_sd[k]) for k, v in model.state_dict().items())
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KdcacheError, match="cannot read safetensors file") as info:
+        read_checkpoint(tmp_path / "cut.safetensors")
+    assert "\n" not in str(info.value)
+
+
+def test_safetensors_without_package_says_how_to_install(tmp_path, monkeypatch):
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    (tmp_path / "w.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(KdcacheError, match=r"pip install 'kdcache\[safetensors\]'"):
+        read_checkpoint(tmp_path / "w.safetensors")
+
+
+def _kdcache(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_every_loading_command_takes_trust_checkpoint(tmp_path, digits_dir, teacher_ckpt, capsys):
+    """precompute, verify, distill (online) and eval refuse a checkpoint with arbitrary objects in
+    one line naming --trust-checkpoint (in-process: fast), and load it with the flag and a
+    one-line warning (in a subprocess: the warning is printed once per process)."""
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({**read_checkpoint(teacher_ckpt), "opt": argparse.Namespace(lr=0.1)}, ckpt)
+    store = tmp_path / "store"
+    data = ["--data", str(digits_dir)]
+    commands = [
+        ["precompute", "--teacher", "resnet8", "--ckpt", str(ckpt), *data, "--rounds", "1", "--views", "weak",
+         "--out", str(store), "--device", "cpu", "--quiet"],
+        ["verify", str(store), "--ckpt", str(ckpt), *data, "--samples", "64", "--device", "cpu"],
+        ["distill", "--student", "resnet8", "--loss", "kd", "--teacher-mode", "online", "--teacher", "resnet8",
+         "--ckpt", str(ckpt), *data, "--epochs", "1", "--batch-size", "512", "--out", str(tmp_path / "run"),
+         "--device", "cpu", "--quiet"],
+        ["eval", "--model", "resnet8", "--ckpt", str(ckpt), *data, "--device", "cpu"],
+    ]
+    for command in commands:
+        with pytest.raises(SystemExit) as refused:
+            main(command)
+        error = capsys.readouterr().err
+        assert refused.value.code == 1 and error.count("\n") == 1 and "--trust-checkpoint" in error, error
+        trusted = _kdcache(*command, "--trust-checkpoint")
+        assert trusted.returncode == 0, (command[0], trusted.stderr)
+        assert trusted.stderr.count("warning: unpickling") == 1, trusted.stderr
+
+
+def test_eval_model_from_import_path(nets_module, digits_dir):
+    model = create_model("kdcache_test_nets:tiny", 10)
+    save_checkpoint(nets_module / "tiny.pt", model)
+    result = _kdcache("eval", "--model", "kdcache_test_nets:tiny", "--ckpt", str(nets_module / "tiny.pt"),
+                      "--data", str(digits_dir), "--device", "cpu", "--json", env={"PYTHONPATH": str(nets_module)})
+    assert result.returncode == 0, result.stderr
+    assert 0 <= json.loads(result.stdout)["top1"] <= 100
 
 
 def test_kdcache_checkpoint_round_trip(tmp_path):

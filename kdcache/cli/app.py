@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
@@ -21,6 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+# Every command that loads a checkpoint takes it (precompute, verify, distill, eval).
+TrustCheckpointOpt = Annotated[bool, typer.Option(
+    "--trust-checkpoint", help="Unpickle a checkpoint that holds Python objects besides tensors and numpy "
+    "scalars (e.g. an argparse Namespace). This can run code stored in the file: only for files you trust.")]
 
 
 def _version(value: bool) -> None:

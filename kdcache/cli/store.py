@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdcache.cli.app import app, set_interrupt_hint
+from kdcache.cli.app import TrustCheckpointOpt, app, set_interrupt_hint
 from kdcache.errors import KdcacheError
 from kdcache.paths import default_data_dir, mdistiller_teacher_ckpt
 from kdcache.precompute import PrecomputeConfig, precompute, verify
@@ -19,7 +19,7 @@ from kdcache.storage import LogitStore, list_encodings
 
 @app.command("precompute")
 def precompute_cmd(
-    teacher: Annotated[str, typer.Option("--teacher", help="Teacher model name, e.g. resnet32x4.")],
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher model: a zoo name (e.g. resnet32x4), timm:ARCH or package.module:factory.")],
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Teacher checkpoint (default: mdistiller's download_ckpts/cifar_teachers/<teacher>_vanilla/ckpt_epoch_240.pth).")] = None,
     data: Annotated[Path, typer.Option("--data", help="Dataset dir from `kdcache data prepare`.")] = default_data_dir("cifar100"),
     views: Annotated[str, typer.Option("--views", help="View slots, comma-separated; slot=policy to choose the policy (e.g. weak=imagenet_weak).")] = "weak,strong",
@@ -32,6 +32,7 @@ def precompute_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store made with other settings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Run the teacher over every (round, view) of the training set and store its logits.
 
@@ -45,7 +46,8 @@ def precompute_cmd(
     set_interrupt_hint("rerun the same command to resume")
     cfg = PrecomputeConfig(teacher=teacher, ckpt=ckpt or mdistiller_teacher_ckpt(teacher), data_dir=data,
                            views=parse_views(views), rounds=rounds, out=out, encoding=encoding, seed=seed,
-                           batch_size=batch_size, precision=precision, device=device, overwrite=overwrite)
+                           batch_size=batch_size, precision=precision, device=device, overwrite=overwrite,
+                           trust_checkpoint=trust_checkpoint)
     store = precompute(cfg, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         total = store.rounds * len(store.views)
@@ -112,12 +114,13 @@ def verify_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Random stored views to recompute (at most every stored view once).")] = 512,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error.")] = 1e-3,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
+    trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Recompute the teacher on random stored views and compare; exit 1 if any is off.
 
     Example: kdcache verify STORE --ckpt teacher.pth --data data/cifar100 --samples 512
     """
-    result = verify(store, ckpt, data, samples=samples, tolerance=tolerance, device=device)
+    result = verify(store, ckpt, data, samples=samples, tolerance=tolerance, device=device, trusted=trust_checkpoint)
     typer.echo(f"{result['samples']} views: max |dz| {result['max_abs_diff']:.2e}, mean |dz| {result['mean_abs_diff']:.2e}, "
                f"top-1 agreement {100 * result['top1_agreement']:.2f}%, seeds match {100 * result['seeds_match']:.1f}%, "
                f"within tolerance {100 * result['within_tolerance']:.1f}%")

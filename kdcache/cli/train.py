@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kdcache.cli.app import app
+from kdcache.cli.app import TrustCheckpointOpt, app
 from kdcache.data import DatasetMeta
 from kdcache.distill import DistillConfig, build_job, distill
 from kdcache.engine import evaluate, fit, pick_device, prepare_model
@@ -121,6 +121,7 @@ def distill_cmd(
     resume: ResumeOpt = False,
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Train a student from cached teacher logits (or a live teacher with --teacher-mode online).
 
@@ -139,7 +140,7 @@ def distill_cmd(
     cfg = DistillConfig(student=run["student"], loss=loss, data_dir=_data_dir(run), out=out, recipe=recipe,
                         store=_path(run.get("store")), rounds=run.get("rounds"), teacher_mode=teacher_mode,
                         teacher=run.get("teacher"), ckpt=_path(run.get("ckpt")), device=device, backend=backend,
-                        show_progress=not quiet)
+                        show_progress=not quiet, trust_checkpoint=trust_checkpoint)
     job = build_job(cfg)
     store_rounds = job.info.get("store_rounds")
     if store_rounds is not None and recipe.epochs > store_rounds:
@@ -167,6 +168,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 256,
     device: DeviceOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Evaluate a checkpoint on the test split: top-1, top-5, loss, images/s.
 
@@ -175,7 +177,7 @@ def eval_cmd(
     meta = DatasetMeta.load(data)
     dev = pick_device(device)
     net = create_model(model, meta.num_classes)
-    load_weights(net, ckpt)
+    load_weights(net, ckpt, trusted=trust_checkpoint)
     result = evaluate(prepare_model(net, dev), data, meta, dev, batch_size=batch_size)
     if json_out:
         typer.echo(json.dumps(result))

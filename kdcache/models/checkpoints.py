@@ -1,28 +1,44 @@
 """Reading and writing model weights.
 
 `load_weights` accepts the checkpoint layouts users bring: mdistiller/RepDistiller files
-(`{"model": state_dict, "epoch": ..., ...}`), plain state dicts (torchvision weight files
-among them), kdcache's own checkpoints, and DDP-wrapped weights ("module." prefix). It
-checks names and shapes itself first, so a mismatch leaves the model untouched and says
+(`{"model": state_dict, "epoch": ..., ...}`), timm training checkpoints
+(`{"state_dict": ...}`), plain state dicts (torchvision and timm weight files among them),
+safetensors files, kdcache's own checkpoints, and DDP-wrapped weights ("module." prefix).
+It checks names and shapes itself first, so a mismatch leaves the model untouched and says
 which keys are wrong.
 """
 
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, warn_once
 
 CHECKPOINT_FORMAT = "kdcache-checkpoint"
 CHECKPOINT_VERSION = 1
 _DDP_PREFIX = "module."
+_STATE_KEYS = ("model", "state_dict")  # mdistiller/RepDistiller/kdcache, timm/Lightning
 _SHOWN_KEYS = 3
+
+# Released mdistiller/RepDistiller teachers pickle numpy scalars (accuracy, epoch). These
+# globals only rebuild a number from a dtype and raw bytes, so the safe loader may allow
+# them. The scalar function is numpy.core.multiarray.scalar in files pickled under numpy
+# 1.x, numpy._core.multiarray.scalar under numpy 2.
+_numpy_scalar = np.float64(0).__reduce__()[0]
+_NUMPY_SCALAR_GLOBALS = [
+    _numpy_scalar,
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    np.dtype,
+    *{type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]},
+]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -37,24 +53,59 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
-    """Load a checkpoint file to a dict on the CPU.
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian), then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
-    Loads with `weights_only=True`, which cannot run code hidden in the file. Files that
-    also pickle other Python objects (an argparse Namespace, numpy scalars) need
-    `trusted=True`, which unpickles them fully: only for files from a trusted source.
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise KdcacheError(f"{path} is a safetensors file; reading it needs safetensors: "
+                           "pip install 'kdcache[safetensors]'") from None
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as e:
+        raise KdcacheError(f"cannot read safetensors file {path}: {str(e).splitlines()[0]}") from e
+
+
+def _torch_load(path: Path, trusted: bool) -> object:
+    """torch.load with the safe loader, allowing numpy scalars; a file needing more is
+    unpickled in full only when `trusted`, with a warning."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise
+        if not trusted:
+            raise KdcacheError(
+                f"checkpoint {path} holds Python objects besides tensors ({found.group(1)}); loading it can "
+                "run code stored in it: if you trust the file, pass --trust-checkpoint (trusted=True in Python)"
+            ) from None
+        warn_once(f"unpickling {path} in full (it holds {found.group(1)}): this runs any code stored in it")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
+    """Load a checkpoint file (PyTorch or safetensors) to a dict on the CPU.
+
+    PyTorch files load with `weights_only=True`, which cannot run code hidden in the file,
+    with numpy scalars allowed. Files that pickle other Python objects (an argparse
+    Namespace, a model class) need `trusted=True`, which unpickles them fully: only for
+    files from a trusted source.
     """
     path = Path(path)
     if not path.is_file():
         raise KdcacheError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+        obj = _read_safetensors(path) if _is_safetensors(path) else _torch_load(path, trusted)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # weights_only refused a class or function
-            raise KdcacheError(
-                f"checkpoint {path} holds Python objects besides tensors; if you trust "
-                "the file, load it with trusted=True"
-            ) from e
         raise KdcacheError(f"cannot read checkpoint {path}: not a PyTorch file, or corrupt") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -66,10 +117,11 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
 
 def _state_dict_of(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]:
     """Find the state dict inside a loaded checkpoint and drop a DDP "module." prefix."""
-    state = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
+    nested = [checkpoint[k] for k in _STATE_KEYS if isinstance(checkpoint.get(k), Mapping)]
+    state = nested[0] if nested else checkpoint
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KdcacheError(
-            f"checkpoint {path} holds no state dict (expected tensors, or a dict under 'model')"
+            f"checkpoint {path} holds no state dict (expected tensors, or a dict under 'model' or 'state_dict')"
         )
     if all(k.startswith(_DDP_PREFIX) for k in state):
         state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
