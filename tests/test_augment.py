@@ -441,7 +441,7 @@ def test_views_show_cli(tmp_path, monkeypatch):
     sheet = np.asarray(Image.open(out))
     assert sheet.shape == (4 * 34 + 2, 6 * 34 + 2, 3)
     assert np.array_equal(sheet[2:34, 2:34], IMAGES[0].permute(1, 2, 0).numpy())  # the original first
-    view = get_policy("strong", 32)(IMAGES[1:2], view_seeds(0, 2, 0, torch.tensor([1])))
+    view = get_policy("strong", 32)(IMAGES[1:2], view_seeds(0, 2, 1, torch.tensor([1])))  # strong: slot 1
     assert np.array_equal(sheet[36:68, 2 + 3 * 34:34 + 3 * 34], view[0].permute(1, 2, 0).numpy())
     bad = CliRunner().invoke(views_app, args[:4] + ["--index", "0-99"])
     assert isinstance(bad.exception, KdcacheError)

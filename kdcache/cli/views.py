@@ -8,6 +8,7 @@ import typer
 from kdcache.augment import get_policy, render_grid, view_seeds
 from kdcache.errors import KdcacheError
 from kdcache.outputs import check_png_out, write_atomic
+from kdcache.replay import DEFAULT_VIEWS
 
 views_app = typer.Typer(help="Inspect seeded augmentation views.", no_args_is_help=True)
 
@@ -26,13 +27,29 @@ def parse_indices(text: str) -> list[int]:
     return indices
 
 
+def slot_number(slot: str | None, policy: str) -> int:
+    """The slot number in the view key, as precompute assigns it with its default `--views weak,strong`
+    (a slot's number is its position): `slot` is a number or a slot name; None picks the slot
+    whose name ends the policy's (strong, imagenet_strong: 1; weak, imagenet_weak: 0), else 0."""
+    names = list(DEFAULT_VIEWS)
+    if slot is None:
+        return next((i for i, name in enumerate(names) if policy.endswith(name)), 0)
+    if slot in names:
+        return names.index(slot)
+    if slot.isdigit():
+        return int(slot)
+    raise KdcacheError(f"--slot {slot!r} is neither a slot number nor one of {', '.join(names)}")
+
+
 @views_app.command()
 def show(
     data: Path = typer.Option(..., help="Prepared dataset folder (kdcache data prepare)."),
     policy: str = typer.Option("strong", help="View policy name."),
     split: str = typer.Option("train", help="Dataset split."),
     round: int = typer.Option(0, help="First round to show."),
-    slot: int = typer.Option(0, help="View slot."),
+    slot: str | None = typer.Option(None, help="View slot: a number, or weak (0) / strong (1) as precompute's default "
+                             "--views weak,strong numbers them. Default: the slot of the policy there (strong: 1).",
+                             show_default=False),
     seed: int = typer.Option(0, help="Store seed."),
     index: str = typer.Option("0-15", help="Sample indices, e.g. 0-15 or 3,7,9."),
     views: int = typer.Option(8, min=1, help="Views per sample: rounds ROUND .. ROUND+VIEWS-1."),
@@ -53,12 +70,13 @@ def show(
         raise KdcacheError(f"--index {index!r} is out of range: split {split!r} has {len(images)} samples")
     size = size or images.shape[-2]
     view_policy = get_policy(policy, size)
+    slot_id = slot_number(slot, policy)
     chosen = images[indices]
     idx = torch.tensor(indices)
-    seeds = torch.stack([view_seeds(seed, r, slot, idx) for r in range(round, round + views)], dim=1)
+    seeds = torch.stack([view_seeds(seed, r, slot_id, idx) for r in range(round, round + views)], dim=1)
     shown = view_policy(chosen.repeat_interleave(views, dim=0), seeds.reshape(-1))
     originals = get_policy("identity", size)(chosen, torch.zeros(len(indices), dtype=torch.int64))
     grid = torch.cat([originals[:, None], shown.view(len(indices), views, *shown.shape[1:])], dim=1)
     write_atomic(out, lambda tmp: render_grid(grid.flatten(0, 1), tmp, ncol=views + 1, scale=scale))
     typer.echo(f"wrote {out}: {len(indices)} samples x (original + {views} {policy} views, "
-               f"rounds {round}..{round + views - 1})")
+               f"rounds {round}..{round + views - 1}, slot {slot_id})")
