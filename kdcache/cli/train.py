@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kdcache.cli.app import TrustCheckpointOpt, app
+from kdcache.cli.app import TrustCheckpointOpt, app, set_interrupt_hint
 from kdcache.data import DatasetMeta
 from kdcache.distill import DistillConfig, build_job, distill
 from kdcache.engine import evaluate, fit, pick_device, prepare_model
@@ -89,6 +89,7 @@ def train(
     run, recipe = _run_config(config, out, resume, {"student": model, "data": _str(data)},
                               dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                                    precision=precision), lr_decay_epochs)
+    set_interrupt_hint("rerun with --resume to continue the run")
     if run.get("loss", "ce") != "ce":
         raise KdcacheError(f"train trains with cross-entropy, the config says loss: {run['loss']}; use `kdcache distill`")
     out = out or Path("runs") / f"{run['student']}-ce"
@@ -133,6 +134,7 @@ def distill_cmd(
          "ckpt": _str(ckpt), "rounds": rounds, "data": _str(data)},
         dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, precision=precision),
         lr_decay_epochs, loss_param)
+    set_interrupt_hint("rerun with --resume to continue the run")
     loss = run.get("loss") or "crld"
     # A CE run's config.json records teacher_mode "none": no teacher, so nothing to carry over.
     teacher_mode = run.get("teacher_mode") if run.get("teacher_mode") not in (None, "none") else "cached"
