@@ -156,26 +156,26 @@ def _under_slab_locks(store: LogitStore, keys: list[tuple[int, str]], compute):
     Slabs another process holds are skipped at first and waited for at the end, then
     computed only if that process did not finish them (it died or was interrupted).
     """
+    def compute_holding(key, lock) -> None:
+        """With the slab's lock held: compute it unless it is complete (and undamaged)."""
+        try:
+            if not store.is_complete(*key, deep=True):
+                compute(*key)
+        finally:
+            lock.release()
+
     held_elsewhere = []
     for key in keys:
         lock = store.slab_lock(*key)
         if lock.try_acquire():
-            try:
-                if not store.is_complete(*key, deep=True):
-                    compute(*key)
-            finally:
-                lock.release()
+            compute_holding(key, lock)
             yield key
         else:
             held_elsewhere.append((key, lock))
     for key, lock in held_elsewhere:
         warn_once(f"waiting for another kdcache process (pid {lock.holder()}) computing slabs of {store.path}")
         lock.acquire()
-        try:
-            if not store.is_complete(*key, deep=True):
-                compute(*key)
-        finally:
-            lock.release()
+        compute_holding(key, lock)
         yield key
 
 

@@ -31,3 +31,14 @@ def teacher_ckpt(digits_dir, tmp_path_factory) -> Path:
     distill(DistillConfig(student="resnet8", loss="ce", data_dir=digits_dir, out=out, recipe=recipe,
                           device="cpu", show_progress=False))
     return out / "last.pth"
+
+
+@pytest.fixture(scope="session")
+def weak_store(digits_dir, teacher_ckpt, tmp_path_factory) -> Path:
+    """A complete 1-round store of the weak view. Tests read it or copy it; none writes to it."""
+    from kdcache.precompute import PrecomputeConfig, precompute
+
+    out = tmp_path_factory.mktemp("stores") / "weak"
+    precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir, views={"weak": "weak"},
+                                rounds=1, out=out, device="cpu"), progress=False)
+    return out

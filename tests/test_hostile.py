@@ -67,14 +67,6 @@ def other_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def weak_store(digits_dir, teacher_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hostile") / "store"
-    precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir, views={"weak": "weak"},
-                                rounds=1, out=out, device="cpu"), progress=False)
-    return out
-
-
 def user_folder(path: Path) -> None:
     (path / "sub").mkdir(parents=True)
     (path / "important.txt").write_text("do not delete")

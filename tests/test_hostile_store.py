@@ -21,7 +21,6 @@ import pytest
 import zarr
 
 from kdcache.errors import KdcacheError
-from kdcache.precompute import PrecomputeConfig, precompute
 from kdcache.storage import LogitStore, slab_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -36,15 +35,6 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
     """Every path under root with its bytes (None for folders) and modification time."""
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def weak_store(digits_dir, teacher_ckpt, tmp_path_factory) -> Path:
-    """A complete 1-round store of the weak view: copied and damaged by the cases."""
-    out = tmp_path_factory.mktemp("hostile-store") / "store"
-    precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir, views={"weak": "weak"},
-                                rounds=1, out=out, device="cpu"), progress=False)
-    return out
 
 
 # ---------------------------------------------------------------- setups: (tmp, fixtures) -> None
