@@ -25,9 +25,10 @@ from kdcache.data import DatasetMeta, make_loader, prepare_dataset
 from kdcache.distill import DistillConfig, build_job
 from kdcache.engine import autocast, make_optimizer, pick_device, prepare_model, to_model_input, train_step
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, file_sha256, save_checkpoint
+from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
 from kdcache.outputs import write_text_atomic
-from kdcache.precompute import PrecomputeConfig, compute_slab, load_teacher, replayer_for, store_identity
+from kdcache.precompute import PrecomputeConfig, compute_slab, store_identity
+from kdcache.replay import replayer_for
 from kdcache.recipes import make_recipe
 from kdcache.storage import LogitStore, list_encodings, measure_encoding
 

@@ -14,11 +14,10 @@ from kdcache.data import DatasetMeta
 from kdcache.engine import TrainJob, fit, pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import create_model, file_sha256
+from kdcache.models import create_model, file_sha256, load_teacher
 from kdcache.paths import stores_root
-from kdcache.precompute import load_teacher, replayer_for
 from kdcache.recipes import Recipe
-from kdcache.replay import ViewReplayer
+from kdcache.replay import ViewReplayer, replayer_for
 from kdcache.storage import LogitStore
 from kdcache.teachers import CachedTeacher, OnlineTeacher
 

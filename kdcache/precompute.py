@@ -22,9 +22,9 @@ from tqdm import tqdm
 from kdcache.data import DatasetMeta, load_split, make_loader
 from kdcache.engine import autocast, evaluate, init_distributed, pick_device, prepare_model, to_model_input
 from kdcache.errors import KdcacheError, warn_once
-from kdcache.models import create_model, file_sha256, load_weights
+from kdcache.models import file_sha256, load_teacher
 from kdcache.paths import default_store_path
-from kdcache.replay import ViewReplayer
+from kdcache.replay import ViewReplayer, replayer_for
 from kdcache.storage import LogitStore, get_encoding, measure_encoding
 from kdcache.storage.store import MAX_ROUNDS
 
@@ -47,15 +47,6 @@ class PrecomputeConfig:
     trust_checkpoint: bool = False  # unpickle a teacher file holding arbitrary Python objects
 
 
-def load_teacher(name: str, ckpt: Path, num_classes: int, trusted: bool = False) -> nn.Module:
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise KdcacheError(f"teacher checkpoint {ckpt} not found; pass --ckpt PATH (or train one with `kdcache train`)")
-    model = create_model(name, num_classes)
-    load_weights(model, ckpt, trusted=trusted)
-    return model.eval()
-
-
 def store_identity(cfg: PrecomputeConfig, meta: DatasetMeta, ckpt_sha256: str) -> dict[str, Any]:
     """What must match for two runs to share a store (rounds may grow, so they are not part of it)."""
     replayer = ViewReplayer.from_policy_names(cfg.views, cfg.seed, meta.image_shape[-1], meta.mean, meta.std)
@@ -70,11 +61,6 @@ def store_identity(cfg: PrecomputeConfig, meta: DatasetMeta, ckpt_sha256: str) -
         "store_seed": cfg.seed,
         "encoding": cfg.encoding,
     }
-
-
-def replayer_for(store: LogitStore) -> ViewReplayer:
-    ident = store.identity
-    return ViewReplayer(ident["policies"], ident["store_seed"], ident["mean"], ident["std"])
 
 
 def check_config(cfg: PrecomputeConfig) -> None:

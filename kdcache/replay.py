@@ -59,3 +59,9 @@ class ViewReplayer:
             raise KdcacheError(f"view slot '{slot}' is not among {list(self.slot_ids)}")
         views = self.policies[slot](images, self.seeds(round_, slot, indices))
         return normalize(views, self.mean, self.std)
+
+
+def replayer_for(store) -> ViewReplayer:
+    """The replayer of a `LogitStore`: its policies, seed and normalisation, as precompute used them."""
+    ident = store.identity
+    return ViewReplayer(ident["policies"], ident["store_seed"], ident["mean"], ident["std"])

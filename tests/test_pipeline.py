@@ -19,7 +19,8 @@ from kdcache.distill import DistillConfig, build_job
 from kdcache.engine import fit
 from kdcache.errors import KdcacheError
 from kdcache.models import read_checkpoint
-from kdcache.precompute import PrecomputeConfig, precompute, replayer_for, verify
+from kdcache.precompute import PrecomputeConfig, precompute, verify
+from kdcache.replay import replayer_for
 from kdcache.recipes import make_recipe
 from kdcache.storage import LogitStore, slab_path
 
@@ -107,7 +108,7 @@ def test_precompute_stores_the_teacher_logits_of_replayed_views(digits_dir, teac
     assert store.attrs["teacher_test_top1"] > 50.0
     # Recompute one slab independently: other batch size, shuffled order.
     from kdcache.data import load_split
-    from kdcache.precompute import load_teacher
+    from kdcache.models import load_teacher
 
     teacher = load_teacher("resnet8", teacher_ckpt, 10)
     images, _ = load_split(digits_dir, "train")

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from kdcache.cli.views import slot_number, views_app
 from kdcache.data import load_split
 from kdcache.errors import KdcacheError
-from kdcache.precompute import PrecomputeConfig, precompute, replayer_for
+from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.replay import replayer_for
 from kdcache.replay import DEFAULT_VIEWS
 
 GAP = 2  # render_grid's gap between tiles

@@ -12,6 +12,7 @@ All are randomly initialised (nothing is downloaded); weights come from `load_we
 """
 
 import importlib
+from pathlib import Path
 from collections.abc import Callable
 from functools import partial
 
@@ -26,7 +27,7 @@ from kdcache.models.vgg import VGG
 from kdcache.models.wrn import WideResNet
 
 __all__ = [
-    "MODELS", "create_model", "list_models",
+    "MODELS", "create_model", "list_models", "load_teacher",
     "load_weights", "save_checkpoint", "read_checkpoint", "file_sha256",
 ]
 
@@ -107,3 +108,13 @@ def create_model(name: str, num_classes: int) -> nn.Module:
         return _imported_model(name, num_classes)
     raise KdcacheError(f"unknown model {name!r}; use one of {', '.join(list_models())}, "
                        "timm:ARCH, or package.module:factory")
+
+
+def load_teacher(name: str, ckpt: Path, num_classes: int, trusted: bool = False) -> nn.Module:
+    """Model `name` with the weights of checkpoint `ckpt`, in eval mode (both stages load teachers so)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise KdcacheError(f"teacher checkpoint {ckpt} not found; pass --ckpt PATH (or train one with `kdcache train`)")
+    model = create_model(name, num_classes)
+    load_weights(model, ckpt, trusted=trusted)
+    return model.eval()
