@@ -1,9 +1,10 @@
 """`kdcache bench`: the throughput comparison users care about, measured in one process.
 
-Every figure comes from the code paths training and precompute use (`engine.train_step`,
+Every figure comes from the code paths training and precompute use (`engine.train_batch`,
 `precompute.compute_slab`), on one synthetic CIFAR-100-shaped dataset, one device and one
 run, so the ratios between modes are what matters; absolute times depend on the machine.
-Weights are random: throughput does not depend on them.
+Weights are random: throughput does not depend on them. Host syncs per step are counted
+on the device code path (dense views), on whatever device runs the bench.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import kdcache
 from kdcache.augment import normalize
 from kdcache.data import DatasetMeta, make_loader, prepare_dataset
 from kdcache.distill import DistillConfig, build_job
-from kdcache.engine import autocast, make_optimizer, pick_device, prepare_model, to_model_input, train_step
+from kdcache.augment.census import OpCensus
+from kdcache.engine import Trainee, train_batch
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
 from kdcache.outputs import write_text_atomic
 from kdcache.precompute import PrecomputeConfig, compute_slab, store_identity
 from kdcache.replay import replayer_for
 from kdcache.recipes import make_recipe
+from kdcache.runtime import DistContext, autocast, pick_device, prepare_model, synchronize, to_model_input
 from kdcache.storage import LogitStore, list_encodings, measure_encoding
 
 # (loss, teacher mode) pairs compared, in the order of the distill issue's table.
@@ -69,11 +72,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_synthetic_dataset(out: Path, cfg: BenchConfig) -> DatasetMeta:
@@ -137,9 +135,8 @@ def _bench_precompute(cfg, meta, data_dir, ckpt, store_path, device, echo):
         """Seconds for teacher(normalize(x)) over every batch of the slab."""
         start = time.perf_counter()
         with torch.no_grad(), autocast(device, cfg.precision):
-            for images, _, _ in loader:
-                teacher(to_model_input(normalize(images, meta.mean, meta.std))).float().cpu()
-        _sync(device)
+            outputs = [teacher(to_model_input(normalize(images, meta.mean, meta.std))).float() for images, _, _ in loader]
+        torch.cat(outputs).cpu()
         return time.perf_counter() - start
 
     plain_inference()  # warm-up: kernels, loader, allocator
@@ -169,7 +166,8 @@ def _bench_encodings(store: LogitStore, teacher, loader) -> list[dict[str, Any]]
 
 
 def _bench_training(cfg: BenchConfig, meta, data_dir, ckpt, store_path, device, echo) -> list[dict[str, Any]]:
-    """steps/s of `train_step` for each (loss, teacher mode), the same batches for all."""
+    """steps/s of `train_batch` for each (loss, teacher mode), the same batches for all,
+    and the host syncs one step makes on the device code path."""
     rows = []
     for loss, mode in MODES:
         recipe = make_recipe(cfg.student, epochs=1, batch_size=cfg.batch_size, precision=cfg.precision)
@@ -177,26 +175,40 @@ def _bench_training(cfg: BenchConfig, meta, data_dir, ckpt, store_path, device, 
                                       recipe=recipe, store=store_path if mode != "none" else None,
                                       teacher_mode=mode if mode != "none" else "cached", teacher=cfg.teacher,
                                       ckpt=ckpt, device=str(device), show_progress=False))
-        model = prepare_model(job.student, device)
-        optimizer = make_optimizer(model, recipe)
+        trainee = Trainee(job, DistContext())
         round_ = job.teacher.begin_epoch(0) if job.teacher is not None else 0
+        trainee.begin_epoch(0)
         loader = make_loader(data_dir, "train", cfg.batch_size, shuffle=True, device=device, drop_last=True)
         batches = _take(loader, cfg.warmup + cfg.steps)
         for images, labels, indices in batches[:cfg.warmup]:
-            train_step(job, model, optimizer, round_, images, labels, indices, 0)
-        _sync(device)
+            train_batch([trainee], round_, images, labels, indices, 0)
+        synchronize(device)
         start = time.perf_counter()
         for images, labels, indices in batches[cfg.warmup:]:
-            train_step(job, model, optimizer, round_, images, labels, indices, 0)
-        _sync(device)
+            train_batch([trainee], round_, images, labels, indices, 0)
+        synchronize(device)
         elapsed = time.perf_counter() - start
+        syncs = count_step_syncs(trainee, round_, batches[0])
         if job.teacher is not None:
             job.teacher.close()
         row = {"loss": loss, "mode": mode, "views": len(job.loss.views), "steps_per_s": cfg.steps / elapsed,
-               "images_per_s": cfg.steps * cfg.batch_size / elapsed}
-        echo(f"{loss:>4} {mode:<6} {row['steps_per_s']:.3f} steps/s")
+               "images_per_s": cfg.steps * cfg.batch_size / elapsed, "host_syncs_per_step": syncs}
+        echo(f"{loss:>4} {mode:<6} {row['steps_per_s']:.3f} steps/s, {syncs} host syncs per step")
         rows.append(row)
     return rows
+
+
+def count_step_syncs(trainee: Trainee, round_: int, batch) -> int:
+    """Host syncs of one training step on the device code path (dense views), counted at
+    the dispatcher, so a machine without a GPU counts what a GPU would wait for."""
+    replayer = trainee.job.replayer
+    dense, replayer.dense = replayer.dense, True
+    try:
+        with OpCensus() as census:
+            train_batch([trainee], round_, *batch, 0)
+    finally:
+        replayer.dense = dense
+    return census.sync_count
 
 
 def _take(loader, n: int) -> list:
@@ -213,9 +225,10 @@ def format_table(result: dict[str, Any]) -> str:
     """The bench result as a plain-text table, ratios last."""
     lines = [f"device: {result['device']}  torch {result['torch']}  kdcache {result['kdcache']}  {result['date']}",
              f"{result['config']['teacher']} -> {result['config']['student']}, batch {result['config']['batch_size']}",
-             "", f"{'mode':<14}{'views':>6}{'steps/s':>10}{'img/s':>10}"]
+             "", f"{'mode':<14}{'views':>6}{'steps/s':>10}{'img/s':>10}{'host syncs/step':>17}"]
     for r in result["training"]:
-        lines.append(f"{r['loss'] + ' ' + r['mode']:<14}{r['views']:>6}{r['steps_per_s']:>10.3f}{r['images_per_s']:>10.1f}")
+        lines.append(f"{r['loss'] + ' ' + r['mode']:<14}{r['views']:>6}{r['steps_per_s']:>10.3f}{r['images_per_s']:>10.1f}"
+                     f"{r['host_syncs_per_step']:>17}")
     p = result["precompute"]
     lines += ["", f"precompute {p['precompute_images_per_s']:.1f} img/s, plain teacher inference "
                   f"{p['plain_inference_images_per_s']:.1f} img/s", "",

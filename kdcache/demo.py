@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from kdcache.data import DatasetMeta, prepare_dataset
 from kdcache.distill import DistillConfig, distill
-from kdcache.engine import pick_device
+from kdcache.runtime import pick_device
 from kdcache.models import read_checkpoint
 from kdcache.precompute import PrecomputeConfig, precompute
 from kdcache.recipes import make_recipe

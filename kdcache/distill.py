@@ -1,5 +1,7 @@
-"""Stage 2: build a training job for a student from a store (cached), a live teacher
-(online), or no teacher at all (`kdcache train`, cross-entropy), then run `engine.fit`.
+"""Stage 2: build training jobs for students from a store (cached), a live teacher
+(online), or no teacher at all (`kdcache train`, cross-entropy), then run `engine.fit_jobs`.
+
+Several (student, loss) pairs share one pass: one loader, one replayer, one teacher.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 import torch
 
 from kdcache.data import DatasetMeta
-from kdcache.engine import TrainJob, fit, pick_device, prepare_model
+from kdcache.engine import COMPILE_MODES, TrainJob, fit_jobs
+from kdcache.runtime import pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
 from kdcache.models import create_model, file_sha256, load_teacher
@@ -38,6 +41,7 @@ class DistillConfig:
     device: str | None = None
     backend: str = "auto"
     show_progress: bool = True
+    compile: str = "off"  # off | on | cudagraphs (see engine.COMPILE_MODES)
 
 
 def find_store(meta: DatasetMeta, views: tuple[str, ...]) -> Path:
@@ -77,19 +81,36 @@ def check_store(store: LogitStore, meta: DatasetMeta, views: tuple[str, ...]) ->
 
 
 def build_job(cfg: DistillConfig) -> TrainJob:
+    """The training job of one (student, loss)."""
+    return build_jobs([cfg])[0]
+
+
+_SHARED_FIELDS = ("data_dir", "store", "rounds", "teacher_mode", "teacher", "ckpt", "trust_checkpoint", "device",
+                  "backend", "show_progress", "compile")
+
+
+def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
+    """One job per config, sharing one replayer and one teacher: the configs may differ
+    only in student, loss, recipe and out (see `engine.fit_jobs` for what recipes share)."""
+    cfg = cfgs[0]
+    for other in cfgs[1:]:
+        for name in _SHARED_FIELDS:
+            if getattr(other, name) != getattr(cfg, name):
+                raise KdcacheError(f"students trained in one pass need the same {name}")
+    if cfg.compile not in COMPILE_MODES:
+        raise KdcacheError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got '{cfg.compile}'")
     meta = DatasetMeta.load(cfg.data_dir)
-    recipe = cfg.recipe
-    loss = get_loss(cfg.loss, **recipe.loss_params)
+    losses = [get_loss(c.loss, **c.recipe.loss_params) for c in cfgs]
+    views = tuple(dict.fromkeys(v for loss in losses for v in loss.views))
+    needs_teacher = any(loss.needs_teacher for loss in losses)
     device = pick_device(cfg.device)
-    if recipe.precision == "bf16" and device.type != "cuda":
+    if cfg.recipe.precision == "bf16" and device.type != "cuda":
         raise KdcacheError(f"--precision bf16 runs on CUDA only; on {device} use --precision fp32")
-    torch.manual_seed(recipe.seed)  # the student's initial weights
-    student = create_model(cfg.student, meta.num_classes)
-    info: dict[str, Any] = {"teacher_mode": cfg.teacher_mode if loss.needs_teacher else "none"}
+    info: dict[str, Any] = {"teacher_mode": cfg.teacher_mode if needs_teacher else "none"}
     store = None
-    if loss.needs_teacher and (cfg.store is not None or cfg.teacher_mode == "cached"):
-        store = LogitStore.open(cfg.store if cfg.store is not None else find_store(meta, loss.views))
-        check_store(store, meta, loss.views)
+    if needs_teacher and (cfg.store is not None or cfg.teacher_mode == "cached"):
+        store = LogitStore.open(cfg.store if cfg.store is not None else find_store(meta, views))
+        check_store(store, meta, views)
         if cfg.rounds is not None and not 1 <= cfg.rounds <= store.rounds:
             raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
         info.update(store=str(Path(store.path).resolve()), store_rounds=cfg.rounds or store.rounds,
@@ -101,27 +122,39 @@ def build_job(cfg: DistillConfig) -> TrainJob:
     if store is not None:
         replayer = replayer_for(store)
     else:
-        replayer = ViewReplayer.from_policy_names({v: v for v in loss.views}, recipe.seed, meta.image_shape[-1],
+        replayer = ViewReplayer.from_policy_names({v: v for v in views}, cfg.recipe.seed, meta.image_shape[-1],
                                                   meta.mean, meta.std)
-    if not loss.needs_teacher:
-        teacher = None
-    elif cfg.teacher_mode == "cached":
-        if not set(store.complete_slabs()) >= {(r, v) for r in range(info["store_rounds"]) for v in loss.views}:
+    teacher = _make_teacher(cfg, store, views, info, meta, device) if needs_teacher else None
+    jobs = []
+    for c, loss in zip(cfgs, losses):
+        torch.manual_seed(c.recipe.seed)  # the student's initial weights, as when trained alone
+        student = create_model(c.student, meta.num_classes)
+        job_info = dict(info) if loss.needs_teacher else {"teacher_mode": "none"}
+        jobs.append(TrainJob(student=student, student_name=c.student, loss=loss, replayer=replayer,
+                             teacher=teacher if loss.needs_teacher else None, data_dir=Path(cfg.data_dir), meta=meta,
+                             recipe=c.recipe, run_dir=Path(c.out), device=device, info=job_info,
+                             backend=cfg.backend, show_progress=cfg.show_progress, compile=cfg.compile))
+    return jobs
+
+
+def _make_teacher(cfg: DistillConfig, store: LogitStore | None, views: tuple[str, ...], info: dict[str, Any],
+                  meta: DatasetMeta, device: torch.device):
+    if cfg.teacher_mode == "cached":
+        if not set(store.complete_slabs()) >= {(r, v) for r in range(info["store_rounds"]) for v in views}:
             raise KdcacheError(f"store {store.path} is incomplete; finish it with `kdcache precompute` (it resumes)")
-        teacher = CachedTeacher(store, list(loss.views), recipe.epochs, rounds=info["store_rounds"])
-    elif cfg.teacher_mode == "online":
+        return CachedTeacher(store, list(views), cfg.recipe.epochs, rounds=info["store_rounds"], device=device)
+    if cfg.teacher_mode == "online":
         if cfg.teacher is None or cfg.ckpt is None:
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes, cfg.trust_checkpoint)
-        teacher = OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
         info.update(teacher=cfg.teacher, ckpt=str(cfg.ckpt), teacher_sha256=file_sha256(cfg.ckpt))
-    else:
-        raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
-    return TrainJob(student=student, student_name=cfg.student, loss=loss, replayer=replayer, teacher=teacher,
-                    data_dir=Path(cfg.data_dir), meta=meta, recipe=recipe, run_dir=Path(cfg.out), device=device,
-                    info=info, backend=cfg.backend, show_progress=cfg.show_progress)
+        return OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
+    raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
 
 
-def distill(cfg: DistillConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """Train `cfg.student` and return its per-epoch metrics (see `engine.fit`)."""
-    return fit(build_job(cfg), resume=resume)
+def distill(cfg: DistillConfig | list[DistillConfig], resume: bool = False):
+    """Train `cfg.student` and return its per-epoch metrics (see `engine.fit`); given a
+    list of configs, train them in one pass and return the metrics of each."""
+    if isinstance(cfg, DistillConfig):
+        return fit_jobs(build_jobs([cfg]), resume=resume)[0]
+    return fit_jobs(build_jobs(cfg), resume=resume)

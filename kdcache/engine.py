@@ -1,15 +1,15 @@
-"""The training loop shared by `kdcache train` (CE, no teacher) and `kdcache distill`.
+"""Stage 2's training loop, read top to bottom: the job, one step, one epoch, fit, run dirs.
 
-One epoch: the loader yields uint8 images with their sample indices; for each view slot
-the loss needs, the replayer regenerates that view from its key (round, slot, index); the
-teacher (cached or online) gives its logits for the same views; the loss combines them.
+Several (student, loss) jobs can share one pass: per batch the replayer regenerates each
+view slot once from its key (round, slot, index), the teacher (cached or online) gives
+its logits once, and every job's student trains on them. Nothing in a step reads a
+device value on the host: loss sums, accuracy and a non-finite count accumulate on the
+device and are read when the progress bar refreshes and at the end of the epoch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.augment import get_policy, normalize
 from kdcache.data import DatasetMeta, make_loader
 from kdcache.errors import KdcacheError, first_difference, short_json, warn_once
 from kdcache.locks import FileLock
@@ -29,116 +27,20 @@ from kdcache.models import read_checkpoint, save_checkpoint
 from kdcache.outputs import RUN_LOCK, check_run_out, read_run_config, remove_stale_temporaries, write_text_atomic
 from kdcache.recipes import Recipe
 from kdcache.replay import ViewReplayer
+from kdcache.runtime import (DistContext, autocast, evaluate, init_distributed, prepare_model, synchronize,
+                             to_model_input)
 
-
-@dataclass
-class DistContext:
-    """Rank and world size under torchrun (WORLD_SIZE > 1), else a single process."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def init_distributed(device: torch.device) -> DistContext:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def pick_device(name: str | None) -> torch.device:
-    """`cuda` when available unless told otherwise; the local rank's GPU under torchrun."""
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        raise KdcacheError(f"--device {name!r} is not a device kdcache trains on; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise KdcacheError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device.index >= torch.cuda.device_count():
-            raise KdcacheError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                               f"numbered 0..{torch.cuda.device_count() - 1}")
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when asked; fp32 everywhere else."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def to_model_input(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-
-def lr_at(recipe: Recipe, epoch: int) -> float:
-    """Step schedule: base LR times decay_rate per milestone passed (epochs counted from 0)."""
-    passed = sum(1 for m in recipe.decay_epochs() if epoch >= m)
-    return recipe.lr * recipe.lr_decay_rate**passed
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data_dir: Path, meta: DatasetMeta, device: torch.device, batch_size: int = 256,
-             precision: str = "fp32") -> dict[str, float]:
-    """Top-1, top-5 and CE loss of `model` on the un-augmented, normalised test split."""
-    was_training = model.training
-    model.eval()
-    identity = get_policy("identity", meta.image_shape[-1])
-    loader = make_loader(data_dir, "test", batch_size, shuffle=False, device=device)
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    seen = 0
-    start = time.perf_counter()
-    for images, labels, indices in loader:
-        x = normalize(identity(images, indices), meta.mean, meta.std)
-        with autocast(device, precision):
-            logits = model(to_model_input(x)).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        seen += labels.numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    model.train(was_training)
-    return {
-        "top1": 100.0 * correct1 / seen,
-        "top5": 100.0 * correct5 / seen,
-        "loss": loss_sum / seen,
-        "images_per_s": seen / elapsed,
-    }
+# --compile: off (eager), on (torch.compile), cudagraphs (torch.compile with CUDA graphs).
+COMPILE_MODES = {"off": None, "on": "default", "cudagraphs": "reduce-overhead"}
+PROGRESS_READ_S = 1.0  # how often the progress bar reads the device-side sums
 
 
 @dataclass
 class TrainJob:
-    """Everything `fit` needs; built by `kdcache.distill.build_job` or `kdcache train`."""
+    """Everything `fit` needs for one (student, loss); built by `kdcache.distill.build_jobs`.
+
+    Jobs trained in one pass share the replayer, teacher, data, device and the recipe's
+    batch size, seed and epochs; each has its own run dir, optimizer and checkpoints."""
 
     student: nn.Module
     student_name: str
@@ -153,11 +55,91 @@ class TrainJob:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints and config.json
     backend: str = "auto"
     show_progress: bool = True
+    compile: str = "off"  # a key of COMPILE_MODES
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """SGD with momentum, weight decay on all parameters (the papers' recipe)."""
     return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def lr_at(recipe: Recipe, epoch: int) -> float:
+    """Step schedule: base LR times decay_rate per milestone passed (epochs counted from 0)."""
+    passed = sum(1 for m in recipe.decay_epochs() if epoch >= m)
+    return recipe.lr * recipe.lr_decay_rate**passed
+
+
+def forward_loss(model: nn.Module, loss, views: list[torch.Tensor], teacher_logits, labels: torch.Tensor, epoch: int):
+    """Student logits of every view and the loss; returns (loss, stats, part names), where
+    stats = [loss, *parts, correct predictions, non-finite loss] stays on the device."""
+    student_logits = [model(v).float() for v in views]
+    # Losses count epochs from 1, as mdistiller does (DKD's warm-up ramp depends on it).
+    value, parts = loss(student_logits, teacher_logits, labels, epoch + 1)
+    correct = (loss.accuracy_logits(student_logits).argmax(1) == labels).sum()
+    stats = torch.stack([value.detach(), *parts.values(), correct.float(), (~torch.isfinite(value)).float()])
+    return value, stats, tuple(parts)
+
+
+def replay_views(replayer: ViewReplayer, slot: str, prefix: torch.Tensor, images, indices) -> torch.Tensor:
+    """One slot's normalised views in the student's memory format."""
+    return to_model_input(replayer.views(slot, prefix, images, indices))
+
+
+class Trainee:
+    """One job in training: its student (DDP-wrapped under torchrun), optimizer and the
+    device-side sums of the current epoch."""
+
+    def __init__(self, job: TrainJob, ctx: DistContext):
+        self.job = job
+        self.student = prepare_model(job.student, job.device)
+        self.optimizer = make_optimizer(self.student, job.recipe)
+        self.model: nn.Module = self.student
+        if ctx.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+        mode = COMPILE_MODES[job.compile]
+        self.forward = forward_loss if mode is None else torch.compile(forward_loss, mode=mode)
+        self.start_epoch, self.best_top1, self.history = 0, -1.0, []
+        self.sums: torch.Tensor | None = None
+        self.part_names: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.job.student_name}/{self.job.loss.name}"
+
+    def begin_epoch(self, epoch: int) -> None:
+        lr = lr_at(self.job.recipe, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.sums = None
+
+    def step(self, views: dict[str, torch.Tensor], teacher_logits: dict[str, torch.Tensor] | None,
+             labels: torch.Tensor, epoch: int) -> None:
+        """One SGD step on the shared views; no host sync."""
+        slots = self.job.loss.views
+        with autocast(self.job.device, self.job.recipe.precision):
+            value, stats, self.part_names = self.forward(
+                self.model, self.job.loss, [views[s] for s in slots],
+                None if self.job.teacher is None else [teacher_logits[s] for s in slots], labels, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        self.optimizer.step()
+        self.sums = stats.double() if self.sums is None else self.sums + stats.double()
+
+    def read(self, epoch: int, ctx: DistContext | None = None) -> dict[str, float]:
+        """The epoch's sums so far (summed over ranks when `ctx` is given): one host sync.
+
+        A non-finite loss anywhere in them stops training, naming the epoch."""
+        sums = self.sums
+        if ctx is not None and ctx.world_size > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        values = dict(zip(("loss", *self.part_names, "correct", "nonfinite"), sums.tolist()))
+        if values["nonfinite"]:
+            raise KdcacheError(f"{self.name}: the loss became nan or inf at epoch {epoch + 1}; lower --lr "
+                               "or check the teacher/store")
+        return values
 
 
 def fit(job: TrainJob, resume: bool = False) -> list[dict[str, Any]]:
@@ -166,141 +148,157 @@ def fit(job: TrainJob, resume: bool = False) -> list[dict[str, Any]]:
     Writes `config.json`, `metrics.jsonl`, `last.pth` and `best.pth` to `job.run_dir`. With
     `resume`, continues from `last.pth`.
     """
-    recipe, device = job.recipe, job.device
+    return fit_jobs([job], resume)[0]
+
+
+def fit_jobs(jobs: list[TrainJob], resume: bool = False) -> list[list[dict[str, Any]]]:
+    """Train every job in one pass over the data (see the module docstring); returns each
+    job's metrics. Each job's weights equal those of training it alone with the same seed."""
+    first = jobs[0]
+    _check_shared(jobs)
+    recipe, device = first.recipe, first.device
     ctx = init_distributed(device)
-    student = prepare_model(job.student, device)
-    optimizer = make_optimizer(student, recipe)
-    loader = make_loader(job.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed, backend=job.backend,
-                         device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
+    loader = make_loader(first.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed,
+                         backend=first.backend, device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
     if len(loader) == 0:
         raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
-    run_dir = Path(job.run_dir)
-    check_run_out(run_dir)
-    if resume and not run_dir.is_dir():
-        raise KdcacheError(f"nothing to resume: {run_dir} does not exist; drop --resume to start a new run")
-    lock = _lock_run_dir(run_dir) if ctx.is_main else None
+    for job in jobs:
+        check_run_out(Path(job.run_dir))
+        if resume and not Path(job.run_dir).is_dir():
+            raise KdcacheError(f"nothing to resume: {job.run_dir} does not exist; drop --resume to start a new run")
+    locks: list[FileLock] = []
     try:
-        start_epoch, best_top1, history = 0, -1.0, []
-        restored = _restore(run_dir, student, optimizer, job) if resume else None
-        if restored is not None:
-            start_epoch, best_top1, history = restored
-        elif ctx.is_main:
-            _start_run_dir(run_dir, job, resume)
+        trainees = []
+        for job in jobs:
+            if ctx.is_main:
+                locks.append(_lock_run_dir(Path(job.run_dir)))
+            trainee = Trainee(job, ctx)
+            restored = _restore(Path(job.run_dir), trainee.student, trainee.optimizer, job) if resume else None
+            if restored is not None:
+                trainee.start_epoch, trainee.best_top1, trainee.history = restored
+            elif ctx.is_main:
+                _start_run_dir(Path(job.run_dir), job, resume)
+            trainees.append(trainee)
         ctx.barrier()
-        return _train(job, student, optimizer, loader, ctx, run_dir, start_epoch, best_top1, history)
+        _train(trainees, loader, ctx)
+        return [t.history for t in trainees]
     finally:
-        if lock is not None:
+        for teacher in {id(job.teacher): job.teacher for job in jobs if job.teacher is not None}.values():
+            teacher.close()
+        for lock in locks:
             lock.release()
 
 
-def _train(job: TrainJob, student: nn.Module, optimizer, loader, ctx: DistContext, run_dir: Path,
-           start_epoch: int, best_top1: float, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    recipe, device = job.recipe, job.device
-    train_model: nn.Module = student
-    if ctx.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    try:
-        for epoch in range(start_epoch, recipe.epochs):
-            round_ = job.teacher.begin_epoch(epoch) if job.teacher is not None else epoch
-            lr = lr_at(recipe, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loader.set_epoch(epoch)
-            train_model.train()
-            stats = _EpochStats()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, mininterval=1.0,
-                       disable=not (job.show_progress and ctx.is_main), dynamic_ncols=True)
-            for images, labels, indices in bar:
-                loss_value, parts, correct = train_step(job, train_model, optimizer, round_, images, labels, indices, epoch)
-                stats.add(loss_value, parts, correct, labels.numel())
-                bar.set_postfix(loss=f"{stats.mean_loss:.3f}", acc=f"{stats.accuracy:.1f}", img_s=f"{stats.rate:.0f}",
-                                refresh=False)
-            bar.close()
-            record = {"epoch": epoch + 1, "round": round_, "lr": lr, **stats.summary(ctx)}
-            if ctx.is_main:
-                record.update({f"test_{k}": v for k, v in evaluate(student, job.data_dir, job.meta, device,
-                                                                    precision=recipe.precision).items()})
-                is_best = record["test_top1"] > best_top1
-                best_top1 = max(best_top1, record["test_top1"])
-                record["best_top1"] = best_top1
-                history.append(record)
-                _save(run_dir, student, optimizer, job, epoch + 1, best_top1, history, is_best)
-                if job.show_progress:
-                    tqdm.write(_format_record(record))
-            ctx.barrier()
-    finally:
-        if job.teacher is not None:
-            job.teacher.close()
-    return history
+def _check_shared(jobs: list[TrainJob]) -> None:
+    """Jobs in one pass must share what the pass is made of."""
+    first = jobs[0]
+    for job in jobs[1:]:
+        for name in ("replayer", "device", "backend", "meta"):
+            if getattr(job, name) is not getattr(first, name):
+                raise ValueError(f"jobs trained in one pass must share one {name}")
+        for name in ("batch_size", "seed", "epochs", "precision"):
+            if getattr(job.recipe, name) != getattr(first.recipe, name):
+                raise KdcacheError(f"students trained in one pass need the same {name}: "
+                                   f"{getattr(first.recipe, name)} != {getattr(job.recipe, name)}")
+    if len({id(job.teacher) for job in jobs if job.teacher is not None}) > 1:
+        raise ValueError("jobs trained in one pass must share one teacher")
+    run_dirs = [Path(job.run_dir).resolve() for job in jobs]
+    if len(set(run_dirs)) != len(run_dirs):
+        raise KdcacheError("two students of one pass would write the same run dir; give each its own --out")
 
 
-def train_step(job: TrainJob, model: nn.Module, optimizer, round_: int, images, labels, indices, epoch: int):
-    """One optimisation step on a batch: replay each view, student and teacher logits, loss, SGD.
-
-    Returns (loss value, loss parts, number of correct training predictions).
-    """
-    student_logits, teacher_logits = [], []
-    with autocast(job.device, job.recipe.precision):
-        for slot in job.loss.views:
-            views = to_model_input(job.replayer(round_, slot, images, indices))
-            student_logits.append(model(views).float())
-            if job.teacher is not None:
-                teacher_logits.append(job.teacher.logits(round_, slot, views, indices))
-    # Losses count epochs from 1, as mdistiller does (DKD's warm-up ramp depends on it).
-    loss, parts = job.loss(student_logits, teacher_logits if job.teacher is not None else None, labels, epoch + 1)
-    if not torch.isfinite(loss):
-        raise KdcacheError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the teacher/store")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    correct = (job.loss.accuracy_logits(student_logits).argmax(1) == labels).sum().item()
-    return loss.item(), parts, correct
+def shared_teacher(trainees: list[Trainee]):
+    """The one teacher of a pass (None when no job needs one)."""
+    return next((t.job.teacher for t in trainees if t.job.teacher is not None), None)
 
 
-class _EpochStats:
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.parts: dict[str, float] = {}
-        self.correct = 0
-        self.seen = 0
-        self.batches = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: float, parts: dict[str, float], correct: int, n: int) -> None:
-        self.loss_sum += loss
-        for key, value in parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + float(value)
-        self.correct += correct
-        self.seen += n
-        self.batches += 1
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / max(self.batches, 1)
-
-    @property
-    def accuracy(self) -> float:
-        return 100.0 * self.correct / max(self.seen, 1)
-
-    @property
-    def rate(self) -> float:
-        return self.seen / max(time.perf_counter() - self.start, 1e-9)
-
-    def summary(self, ctx: DistContext) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        totals = torch.tensor([self.loss_sum, self.correct, self.seen, self.batches], dtype=torch.float64)
-        if ctx.world_size > 1:
-            dist.all_reduce(totals)
-        loss_sum, correct, seen, batches = totals.tolist()
-        out = {"train_loss": loss_sum / max(batches, 1), "train_top1": 100.0 * correct / max(seen, 1),
-               "train_samples": int(seen),
-               "epoch_time_s": elapsed, "train_images_per_s": seen / max(elapsed, 1e-9)}
-        out.update({f"train_{k}": v / max(self.batches, 1) for k, v in self.parts.items()})
-        return out
+def train_batch(trainees: list[Trainee], round_: int, images: torch.Tensor, labels: torch.Tensor,
+                indices: torch.Tensor, epoch: int, replay=replay_views) -> None:
+    """One step of every trainee on one batch: each view slot replayed once, the teacher's
+    logits looked up (or computed) once, then each student's SGD step. No host sync."""
+    job = trainees[0].job
+    replayer, device, teacher = job.replayer, job.device, shared_teacher(trainees)
+    slots = dict.fromkeys(slot for t in trainees for slot in t.job.loss.views)
+    views = {slot: replay(replayer, slot, replayer.key_prefix(round_, slot, device), images, indices) for slot in slots}
+    teacher_logits = None
+    if teacher is not None:
+        with autocast(device, job.recipe.precision):
+            teacher_logits = {slot: teacher.logits(round_, slot, views[slot], indices)
+                              for slot in dict.fromkeys(s for t in trainees if t.job.teacher is not None
+                                                        for s in t.job.loss.views)}
+    for t in trainees:
+        t.step(views, teacher_logits, labels, epoch)
 
 
-def _format_record(record: dict[str, Any]) -> str:
-    return (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  train {record['train_top1']:.2f}%  "
+def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
+    first = trainees[0].job
+    recipe, device, teacher = first.recipe, first.device, shared_teacher(trainees)
+    show = first.show_progress and ctx.is_main
+    mode = COMPILE_MODES[first.compile]
+    replay = replay_views if mode is None else torch.compile(replay_views, mode=mode)
+    compile_pending = mode is not None
+    for epoch in range(min(t.start_epoch for t in trainees), recipe.epochs):
+        active = [t for t in trainees if t.start_epoch <= epoch]
+        round_ = teacher.begin_epoch(epoch) if teacher is not None else epoch
+        for t in active:
+            t.begin_epoch(epoch)
+        loader.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not show, dynamic_ncols=True)
+        start = last_read = time.perf_counter()
+        for batch, (images, labels, indices) in enumerate(bar, 1):
+            train_batch(active, round_, images, labels, indices, epoch, replay)
+            if compile_pending:  # the one sync of a compiled run, to time the compilation
+                synchronize(device)
+                compile_pending = False
+                if show:
+                    tqdm.write(f"compiled the training step in {time.perf_counter() - start:.1f}s (first step)")
+            if show and time.perf_counter() - last_read >= PROGRESS_READ_S:
+                last_read = time.perf_counter()
+                bar.set_postfix_str(_progress_text(active, epoch, batch, recipe.batch_size,
+                                                   batch * recipe.batch_size / (last_read - start)), refresh=False)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        for t in active:
+            _end_epoch(t, epoch, round_, len(loader), elapsed, ctx, show_name=len(trainees) > 1)
+        ctx.barrier()
+
+
+def _progress_text(trainees: list[Trainee], epoch: int, batches: int, batch_size: int, images_per_s: float) -> str:
+    """Mean loss and training accuracy so far, per job: one host read each."""
+    parts = []
+    for t in trainees:
+        values = t.read(epoch)
+        label = t.name if len(trainees) > 1 else "loss"
+        parts.append(f"{label} {values['loss'] / batches:.3f} acc {100 * values['correct'] / (batches * batch_size):.1f}")
+    return f"{', '.join(parts)}, {images_per_s:.0f} img/s"
+
+
+def _end_epoch(t: Trainee, epoch: int, round_: int, batches: int, elapsed: float, ctx: DistContext,
+               show_name: bool) -> None:
+    """Read the epoch's sums once, evaluate, log and checkpoint (main rank)."""
+    job = t.job
+    values = t.read(epoch, ctx)
+    batches *= ctx.world_size
+    seen = batches * job.recipe.batch_size
+    record = {"epoch": epoch + 1, "round": round_, "lr": lr_at(job.recipe, epoch),
+              "train_loss": values["loss"] / batches, "train_top1": 100.0 * values["correct"] / seen,
+              "train_samples": seen, "epoch_time_s": elapsed, "train_images_per_s": seen / elapsed,
+              **{f"train_{k}": values[k] / batches for k in t.part_names}}
+    if not ctx.is_main:
+        return
+    record.update({f"test_{k}": v for k, v in evaluate(t.student, job.data_dir, job.meta, job.device,
+                                                        precision=job.recipe.precision).items()})
+    is_best = record["test_top1"] > t.best_top1
+    t.best_top1 = max(t.best_top1, record["test_top1"])
+    record["best_top1"] = t.best_top1
+    t.history.append(record)
+    _save(Path(job.run_dir), t.student, t.optimizer, job, epoch + 1, t.best_top1, t.history, is_best)
+    if job.show_progress:
+        tqdm.write(_format_record(record, prefix=f"{t.name} " if show_name else ""))
+
+
+def _format_record(record: dict[str, Any], prefix: str = "") -> str:
+    return (f"{prefix}epoch {record['epoch']}: loss {record['train_loss']:.4f}  train {record['train_top1']:.2f}%  "
             f"test {record['test_top1']:.2f}% (best {record['best_top1']:.2f}%)  "
             f"{record['train_images_per_s']:.0f} img/s  {record['epoch_time_s']:.1f}s")
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache.data import DatasetMeta, load_split, make_loader
-from kdcache.engine import autocast, evaluate, init_distributed, pick_device, prepare_model, to_model_input
+from kdcache.runtime import autocast, evaluate, init_distributed, pick_device, prepare_model, to_model_input
 from kdcache.errors import KdcacheError, warn_once
 from kdcache.models import file_sha256, load_teacher
 from kdcache.paths import default_store_path

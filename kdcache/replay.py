@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from kdcache.augment import get_policy, normalize, policy_from_spec, view_seeds
+from kdcache.augment import get_policy, normalize, policy_from_spec
+from kdcache.augment.policies import channel_constants
+from kdcache.augment.seeds import key_prefix, seeds_from_prefix
 from kdcache.errors import KdcacheError
 
 DEFAULT_VIEWS = {"weak": "weak", "strong": "strong"}
@@ -34,31 +36,54 @@ class ViewReplayer:
     """Regenerates views from their keys (store_seed, round, slot, sample index).
 
     `slots` maps slot name -> policy spec (`ViewPolicy.spec()`); a slot's number in the
-    key is its position in `slots`, the order the store records.
+    key is its position in `slots`, the order the store records. `dense` picks the
+    policies' path (None: the device path everywhere but on the CPU; see `ViewPolicy.apply`).
+    Key prefixes and normalisation constants are made once per device and kept there.
     """
 
-    def __init__(self, slots: dict[str, dict[str, Any]], store_seed: int, mean, std):
+    def __init__(self, slots: dict[str, dict[str, Any]], store_seed: int, mean, std, dense: bool | None = None):
         self.slot_specs = dict(slots)
         self.slot_ids = {slot: i for i, slot in enumerate(slots)}
         self.store_seed = int(store_seed)
         self.policies = {slot: policy_from_spec(spec) for slot, spec in slots.items()}
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.dense = dense
+        self._prefixes: dict[tuple[int, str, torch.device], torch.Tensor] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_policy_names(cls, views: dict[str, str], store_seed: int, image_size: int, mean, std) -> "ViewReplayer":
         specs = {slot: get_policy(policy, image_size).spec() for slot, policy in views.items()}
         return cls(specs, store_seed, mean, std)
 
+    def _slot_id(self, slot: str) -> int:
+        if slot not in self.slot_ids:
+            raise KdcacheError(f"view slot '{slot}' is not among {list(self.slot_ids)}")
+        return self.slot_ids[slot]
+
+    def key_prefix(self, round_: int, slot: str, device: torch.device) -> torch.Tensor:
+        """The key's hash state before the sample index, as an int64 scalar on `device`."""
+        key = (round_, slot, device)
+        if key not in self._prefixes:
+            self._prefixes[key] = key_prefix(self.store_seed, round_, self._slot_id(slot), device)
+        return self._prefixes[key]
+
     def seeds(self, round_: int, slot: str, indices: torch.Tensor) -> torch.Tensor:
-        return view_seeds(self.store_seed, round_, self.slot_ids[slot], indices)
+        return seeds_from_prefix(self.key_prefix(round_, slot, indices.device), indices)
 
     def __call__(self, round_: int, slot: str, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """uint8 images [B,3,H,W] with their sample indices -> float32 normalised views."""
-        if slot not in self.slot_ids:
-            raise KdcacheError(f"view slot '{slot}' is not among {list(self.slot_ids)}")
-        views = self.policies[slot](images, self.seeds(round_, slot, indices))
-        return normalize(views, self.mean, self.std)
+        return self.views(slot, self.key_prefix(round_, slot, images.device), images, indices)
+
+    def views(self, slot: str, prefix: torch.Tensor, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`__call__` with the round given as its key prefix: the form a compiled step takes,
+        so one graph serves every round."""
+        if images.device not in self._constants:
+            self._constants[images.device] = (channel_constants(self.mean, images.device),
+                                              channel_constants(self.std, images.device))
+        views = self.policies[slot](images, seeds_from_prefix(prefix, indices), dense=self.dense)
+        return normalize(views, *self._constants[images.device])
 
 
 def replayer_for(store) -> ViewReplayer:

@@ -107,7 +107,7 @@ def run(name, zs, zt, y, epoch=100, **params):
     zs = [z.clone().requires_grad_() for z in zs]
     loss, parts = get_loss(name, **params)(zs, zt, y, epoch)
     loss.backward()
-    return loss, parts, [z.grad for z in zs]
+    return loss, {k: v.item() for k, v in parts.items()}, [z.grad for z in zs]
 
 
 def np64(t):

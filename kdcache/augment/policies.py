@@ -321,11 +321,14 @@ def policy_from_spec(spec: dict) -> ViewPolicy:
     return get_policy(spec["name"], spec["image_size"], **spec["params"])
 
 
-def _channel_constants(values, device) -> torch.Tensor:
+def channel_constants(values, device) -> torch.Tensor:
     """float32 [1, C, 1, 1] filled on the device (torch.tensor would copy from the host on each call)."""
     return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device) for v in values]).view(1, -1, 1, 1)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 (x / 255 - mean) / std; mean, std on the 0..1 scale."""
-    return (images.float() / 255.0 - _channel_constants(mean, images.device)) / _channel_constants(std, images.device)
+    """uint8 [B,3,H,W] -> float32 (x / 255 - mean) / std; mean, std on the 0..1 scale, as
+    sequences or as `channel_constants` tensors already on the device."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = channel_constants(mean, images.device), channel_constants(std, images.device)
+    return (images.float() / 255.0 - mean) / std

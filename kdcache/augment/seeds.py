@@ -37,22 +37,34 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def view_seeds(store_seed: int, round: int, slot: int, indices: torch.Tensor) -> torch.Tensor:
-    """64-bit seeds of the views (store_seed, round, slot, index) for each index.
+def key_prefix(store_seed: int, round: int, slot: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The hash state after (store_seed, round, slot): an int64 scalar on `device`.
 
-    h = 0; for x in (store_seed, round, slot, index): h = mix64(h + x + GAMMA).
-    """
+    A training step passes it as a tensor, so a compiled step serves every round."""
     for name, value in (("round", round), ("slot", slot)):
         if not isinstance(value, int) or value < 0:
             raise KdcacheError(f"view {name} must be a non-negative integer, got {value!r}")
     if not isinstance(store_seed, int):
         raise KdcacheError(f"store seed must be an integer, got {store_seed!r}")
-    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-    h = torch.zeros((), dtype=torch.int64, device=indices.device)
+    h = torch.zeros((), dtype=torch.int64, device=device)
     for part in (store_seed, round, slot):
         h = mix64(h + _as_int64(part) + GAMMA)
-    return mix64(h + indices.to(torch.int64) + GAMMA)
+    return h
+
+
+def seeds_from_prefix(prefix: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """64-bit seeds of the views (prefix's key, index) for each index."""
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    return mix64(prefix + indices.to(torch.int64) + GAMMA)
+
+
+def view_seeds(store_seed: int, round: int, slot: int, indices: torch.Tensor) -> torch.Tensor:
+    """64-bit seeds of the views (store_seed, round, slot, index) for each index.
+
+    h = 0; for x in (store_seed, round, slot, index): h = mix64(h + x + GAMMA).
+    """
+    return seeds_from_prefix(key_prefix(store_seed, round, slot, indices.device), indices)
 
 
 def uniform_streams(seeds: torch.Tensor, count: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ import typer
 from kdcache.cli.app import TrustCheckpointOpt, app, set_interrupt_hint
 from kdcache.data import DatasetMeta
 from kdcache.distill import DistillConfig, build_job, distill
-from kdcache.engine import evaluate, fit, pick_device, prepare_model
+from kdcache.engine import fit
+from kdcache.runtime import evaluate, pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import list_losses
 from kdcache.models import create_model, list_models, load_weights

@@ -1,7 +1,5 @@
 """The `DistillLoss` base class: hyperparameter handling, input checks, logging parts."""
 
-import torch
-
 from kdcache.errors import KdcacheError
 
 
@@ -43,7 +41,9 @@ class DistillLoss:
         return f"{type(self).__name__}({self.params})"
 
     def __call__(self, student_logits, teacher_logits, labels, epoch):
-        """Return `(scalar loss, {part: float})`; logits are computed on in float32."""
+        """Return `(scalar loss, {part: detached scalar tensor})`; logits are computed on in float32.
+
+        The parts stay on the device: reading them is the caller's one sync, when it wants."""
         if len(student_logits) != len(self.views):
             raise KdcacheError(
                 f"loss '{self.name}' needs student logits for views {self.views}, "
@@ -58,7 +58,7 @@ class DistillLoss:
         # The teacher is a fixed target: cached logits, or live ones that must not be trained.
         zt = None if teacher_logits is None else [z.detach().float() for z in teacher_logits]
         loss, parts = self.compute(zs, zt, labels, epoch)
-        return loss, _to_floats(parts)
+        return loss, {name: part.detach() for name, part in parts.items()}
 
     def compute(self, zs, zt, labels, epoch):
         """Return `(loss, {part: scalar tensor})`; implemented by each loss."""
@@ -68,8 +68,3 @@ class DistillLoss:
         """The student logits to report training accuracy from: the weak view."""
         return student_logits[self.views.index("weak")]
 
-
-def _to_floats(parts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Detach the logged parts with one device sync instead of one `.item()` per part."""
-    values = torch.stack([p.detach().float() for p in parts.values()]).tolist()
-    return dict(zip(parts, values))
