@@ -27,6 +27,7 @@ from kdcache.models import read_checkpoint, save_checkpoint
 from kdcache.outputs import RUN_LOCK, check_run_out, read_run_config, remove_stale_temporaries, write_text_atomic
 from kdcache.recipes import Recipe
 from kdcache.replay import ViewReplayer
+from kdcache.runlog import append_epoch, rewrite_run_log, start_run_log
 from kdcache.runtime import (DistContext, autocast, evaluate, init_distributed, prepare_model, synchronize,
                              to_model_input)
 
@@ -341,6 +342,7 @@ def _start_run_dir(run_dir: Path, job: TrainJob, resume: bool) -> None:
               "recipe": job.recipe.to_dict(), "data": str(job.data_dir), **job.info, "run_identity": run_identity(job)}
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     write_text_atomic(run_dir / "metrics.jsonl", "")
+    start_run_log(run_dir)
 
 
 def _save(run_dir: Path, student: nn.Module, optimizer, job: TrainJob, epoch: int, best_top1: float,
@@ -352,6 +354,7 @@ def _save(run_dir: Path, student: nn.Module, optimizer, job: TrainJob, epoch: in
     try:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
+        append_epoch(run_dir, history[-1])
         if is_best:
             save_checkpoint(run_dir / "best.pth", student, **info)
         save_checkpoint(run_dir / "last.pth", student, optimizer=optimizer.state_dict(), history=history, **info)
@@ -374,6 +377,7 @@ def _restore(run_dir: Path, student: nn.Module, optimizer, job: TrainJob):
     history = list(ckpt.get("history", []))
     # metrics.jsonl may hold epochs after the last checkpoint (a crash between the two writes).
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    rewrite_run_log(run_dir, history)
     if job.recipe.epochs != ckpt.get("epochs", job.recipe.epochs):
         config = read_run_config(run_dir) or {}
         config.setdefault("epochs_extended", []).append({"at_epoch": int(ckpt["epoch"]), "from": ckpt["epochs"],

@@ -42,3 +42,26 @@ def weak_store(digits_dir, teacher_ckpt, tmp_path_factory) -> Path:
     precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir, views={"weak": "weak"},
                                 rounds=1, out=out, device="cpu"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def crld_store(digits_dir, teacher_ckpt, tmp_path_factory):
+    """A complete 2-round store of the weak and strong views (the LogitStore). Tests only read it."""
+    from kdcache.precompute import PrecomputeConfig, precompute
+
+    out = tmp_path_factory.mktemp("stores") / "crld"
+    return precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir,
+                                       views={"weak": "weak", "strong": "strong"}, rounds=2, out=out,
+                                       batch_size=256, device="cpu"), progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU; without one they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

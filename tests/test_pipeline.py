@@ -193,12 +193,6 @@ def test_two_process_precompute_equals_one_process(digits_dir, teacher_ckpt, tmp
 
 # ---------------------------------------------------------------- distill
 
-@pytest.fixture(scope="module")
-def crld_store(digits_dir, teacher_ckpt, tmp_path_factory):
-    return precompute(precompute_cfg(digits_dir, teacher_ckpt, tmp_path_factory.mktemp("stores") / "crld"),
-                      progress=False)
-
-
 def record_steps(job):
     """Wrap the job's teacher and loss so every step's teacher logits and loss are kept."""
     teacher_calls, losses = [], []

@@ -28,7 +28,7 @@ def precompute_cmd(
     encoding: Annotated[str, typer.Option("--encoding", help=f"Logit encoding: {', '.join(list_encodings())}.")] = "float16",
     seed: Annotated[int, typer.Option("--seed", help="Store seed: the first part of every view key.")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Teacher batch size (default: 256 on CPU, 1024 on CUDA).")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (CUDA).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16 (CUDA); logits are stored from float32 either way.")] = "auto",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store made with other settings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
@@ -112,15 +112,17 @@ def verify_cmd(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="The teacher checkpoint the store was made with.")],
     data: Annotated[Path, typer.Option("--data", help="The dataset dir the store was made from.")] = default_data_dir("cifar100"),
     samples: Annotated[int, typer.Option("--samples", help="Random stored views to recompute (at most every stored view once).")] = 512,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error.")] = 1e-3,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error (default: 1e-3 for slabs computed in fp32, 5e-2 in bf16).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Recompute the teacher on random stored views and compare; exit 1 if any is off.
 
     Example: kdcache verify STORE --ckpt teacher.pth --data data/cifar100 --samples 512
     """
-    result = verify(store, ckpt, data, samples=samples, tolerance=tolerance, device=device, trusted=trust_checkpoint)
+    result = verify(store, ckpt, data, samples=samples, tolerance=tolerance, device=device, trusted=trust_checkpoint,
+                    progress=not quiet)
     typer.echo(f"{result['samples']} views: max |dz| {result['max_abs_diff']:.2e}, mean |dz| {result['mean_abs_diff']:.2e}, "
                f"top-1 agreement {100 * result['top1_agreement']:.2f}%, seeds match {100 * result['seeds_match']:.1f}%, "
                f"within tolerance {100 * result['within_tolerance']:.1f}%")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from kdcache.cli.app import TrustCheckpointOpt, app, set_interrupt_hint
 from kdcache.data import DatasetMeta
-from kdcache.distill import DistillConfig, build_job, distill
-from kdcache.engine import fit
+from kdcache.distill import DistillConfig, build_jobs, distill
+from kdcache.engine import fit_jobs
 from kdcache.runtime import evaluate, pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import list_losses
@@ -33,13 +33,15 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pth.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="Loader backend: auto, memory or ffcv.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="off, on (torch.compile of views, student forward/backward and loss) or cudagraphs (on, with CUDA graphs). Same results; the first step pays the compile time, which the log states.")]
 
 
 def _run_config(config: Path | None, out: Path | None, resume: bool, run_flags: dict[str, Any],
                 recipe_flags: dict[str, Any], lr_decay_epochs: str | None,
-                loss_param: list[str] | None = None) -> tuple[dict[str, Any], Recipe]:
-    """The run's keys and recipe: defaults < config file < flags. With --resume and no
-    --config, the config file is the run's own config.json, so a resume needs no flags."""
+                loss_param: list[str] | None = None) -> tuple[dict[str, Any], Callable[[str], Recipe]]:
+    """The run's keys and its recipe for a student (defaults depend on the student):
+    defaults < config file < flags. With --resume and no --config, the config file is the
+    run's own config.json, so a resume needs no flags."""
     if config is None and resume and out is not None and (out / "config.json").is_file():
         config = out / "config.json"
     run, values = load_config_file(config) if config is not None else ({}, {})
@@ -54,9 +56,13 @@ def _run_config(config: Path | None, out: Path | None, resume: bool, run_flags: 
         decay = [int(e) for e in lr_decay_epochs.split(",")] if lr_decay_epochs else None
     except ValueError:
         raise KdcacheError(f"--lr-decay-epochs takes comma-separated epochs like 150,180,210, got '{lr_decay_epochs}'") from None
-    recipe = make_recipe(run["student"], values, **recipe_flags, lr_decay_epochs=decay,
-                         loss_params=parse_key_values(loss_param) or None)
-    return run, recipe
+    loss_params = parse_key_values(loss_param) or None
+
+    def recipe_for(student: str) -> Recipe:
+        return make_recipe(student, values, **recipe_flags, lr_decay_epochs=decay, loss_params=loss_params)
+
+    recipe_for(run["student"].split(",")[0])  # bad values fail before anything else
+    return run, recipe_for
 
 
 def _report(history: list[dict], out: Path) -> None:
@@ -82,27 +88,29 @@ def train(
     resume: ResumeOpt = False,
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
+    compile_mode: CompileOpt = "off",
 ) -> None:
     """Train a model from scratch with cross-entropy on weak views (how you make a teacher).
 
     Example: kdcache train --model resnet20 --data data/fmnist --epochs 2 --out runs/resnet20
     """
-    run, recipe = _run_config(config, out, resume, {"student": model, "data": _str(data)},
-                              dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                                   precision=precision), lr_decay_epochs)
+    run, recipe_for = _run_config(config, out, resume, {"student": model, "data": _str(data)},
+                                  dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                                       precision=precision), lr_decay_epochs)
     set_interrupt_hint("rerun with --resume to continue the run")
     if run.get("loss", "ce") != "ce":
         raise KdcacheError(f"train trains with cross-entropy, the config says loss: {run['loss']}; use `kdcache distill`")
     out = out or Path("runs") / f"{run['student']}-ce"
-    history = distill(DistillConfig(student=run["student"], loss="ce", data_dir=_data_dir(run), out=out, recipe=recipe,
-                                    device=device, backend=backend, show_progress=not quiet), resume=resume)
+    history = distill(DistillConfig(student=run["student"], loss="ce", data_dir=_data_dir(run), out=out,
+                                    recipe=recipe_for(run["student"]), device=device, backend=backend,
+                                    show_progress=not quiet, compile=compile_mode), resume=resume)
     _report(history, out)
 
 
 @app.command("distill")
 def distill_cmd(
-    student: Annotated[Optional[str], typer.Option("--student", help="Student model name (see `kdcache train --help`); or student: in --config.")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help=f"Loss: {', '.join(list_losses())} (default crld).")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="Student model name (see `kdcache train --help`), or several comma-separated: every (student, loss) pair trains in one pass; or student: in --config.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help=f"Loss: {', '.join(list_losses())} (default crld); several comma-separated, as --student.")] = None,
     store: Annotated[Optional[Path], typer.Option("--store", help="Logit store (default: the one under KDCACHE_HOME made from --data).")] = None,
     teacher_mode: Annotated[Optional[str], typer.Option("--teacher-mode", help="cached (from the store, default) or online (live teacher, the baseline).")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model name (online mode).")] = None,
@@ -123,32 +131,53 @@ def distill_cmd(
     resume: ResumeOpt = False,
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
+    compile_mode: CompileOpt = "off",
     trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Train a student from cached teacher logits (or a live teacher with --teacher-mode online).
 
+    Several students and losses (--student a,b --loss kd,crld) train in one pass over the
+    data: one view replay and one teacher lookup per step serve every pair; each pair has
+    its own run dir --out/<student>-<loss>, checkpoints and resume, and ends with the
+    weights it would have trained alone with the same seed.
+
     Example: kdcache distill --student resnet8x4 --loss crld --data data/cifar100 --out runs/r8x4-crld
     """
-    run, recipe = _run_config(
+    run, recipe_for = _run_config(
         config, out, resume,
         {"student": student, "loss": loss, "store": _str(store), "teacher_mode": teacher_mode, "teacher": teacher,
          "ckpt": _str(ckpt), "rounds": rounds, "data": _str(data)},
         dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, precision=precision),
         lr_decay_epochs, loss_param)
     set_interrupt_hint("rerun with --resume to continue the run")
-    loss = run.get("loss") or "crld"
+    students, losses = _names(run["student"], "--student"), _names(run.get("loss") or "crld", "--loss")
     # A CE run's config.json records teacher_mode "none": no teacher, so nothing to carry over.
     teacher_mode = run.get("teacher_mode") if run.get("teacher_mode") not in (None, "none") else "cached"
-    out = out or Path("runs") / f"{run['student']}-{loss}-{teacher_mode}"
-    cfg = DistillConfig(student=run["student"], loss=loss, data_dir=_data_dir(run), out=out, recipe=recipe,
-                        store=_path(run.get("store")), rounds=run.get("rounds"), teacher_mode=teacher_mode,
-                        teacher=run.get("teacher"), ckpt=_path(run.get("ckpt")), device=device, backend=backend,
-                        show_progress=not quiet, trust_checkpoint=trust_checkpoint)
-    job = build_job(cfg)
-    store_rounds = job.info.get("store_rounds")
-    if store_rounds is not None and recipe.epochs > store_rounds:
-        typer.echo(f"note: {recipe.epochs} epochs > {store_rounds} rounds in the store: epoch e uses round e mod {store_rounds}")
-    _report(fit(job, resume=resume), out)
+    pairs = [(s, loss) for s in students for loss in losses]
+    if len(pairs) == 1:
+        outs = [out or Path("runs") / f"{students[0]}-{losses[0]}-{teacher_mode}"]
+    else:
+        outs = [(out or Path("runs")) / f"{s}-{loss}" for s, loss in pairs]
+    cfgs = [DistillConfig(student=s, loss=loss, data_dir=_data_dir(run), out=pair_out, recipe=recipe_for(s),
+                          store=_path(run.get("store")), rounds=run.get("rounds"), teacher_mode=teacher_mode,
+                          teacher=run.get("teacher"), ckpt=_path(run.get("ckpt")), device=device, backend=backend,
+                          show_progress=not quiet, trust_checkpoint=trust_checkpoint, compile=compile_mode)
+            for (s, loss), pair_out in zip(pairs, outs)]
+    jobs = build_jobs(cfgs)
+    store_rounds = jobs[0].info.get("store_rounds")
+    if store_rounds is not None and cfgs[0].recipe.epochs > store_rounds:
+        typer.echo(f"note: {cfgs[0].recipe.epochs} epochs > {store_rounds} rounds in the store: "
+                   f"epoch e uses round e mod {store_rounds}")
+    for history, pair_out in zip(fit_jobs(jobs, resume=resume), outs):
+        _report(history, pair_out)
+
+
+def _names(text: str, option: str) -> list[str]:
+    """Comma-separated names, each once."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise KdcacheError(f"{option} takes comma-separated names, each once, got '{text}'")
+    return names
 
 
 def _str(path: Path | None) -> str | None:
@@ -171,6 +200,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 256,
     device: DeviceOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: QuietOpt = False,
     trust_checkpoint: TrustCheckpointOpt = False,
 ) -> None:
     """Evaluate a checkpoint on the test split: top-1, top-5, loss, images/s.
@@ -181,7 +211,7 @@ def eval_cmd(
     dev = pick_device(device)
     net = create_model(model, meta.num_classes)
     load_weights(net, ckpt, trusted=trust_checkpoint)
-    result = evaluate(prepare_model(net, dev), data, meta, dev, batch_size=batch_size)
+    result = evaluate(prepare_model(net, dev), data, meta, dev, batch_size=batch_size, progress=not quiet)
     if json_out:
         typer.echo(json.dumps(result))
     else:

@@ -52,7 +52,8 @@ class DKD(DistillLoss):
     def compute(self, zs, zt, labels, epoch):
         p = self.params
         T = p["T"]
-        gt_mask = F.one_hot(labels, zs[0].shape[-1]).bool()
+        # Not F.one_hot: it checks the labels' range on the host (a sync per step).
+        gt_mask = labels[:, None] == torch.arange(zs[0].shape[-1], device=labels.device)
         tckd = T * T * kl_rows(_binary_log_probs(zs[0] / T, gt_mask),
                                _binary_log_probs(zt[0] / T, gt_mask)).mean()
         nckd = T * T * kl_rows(F.log_softmax(zs[0] / T - 1000.0 * gt_mask, dim=-1),
