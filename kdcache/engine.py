@@ -86,6 +86,12 @@ def replay_views(replayer: ViewReplayer, slot: str, prefix: torch.Tensor, images
     return to_model_input(replayer.views(slot, prefix, images, indices))
 
 
+def replay_function(compile_mode: str):
+    """`replay_views`, compiled unless --compile is off (one graph serves every round and batch)."""
+    mode = COMPILE_MODES[compile_mode]
+    return replay_views if mode is None else torch.compile(replay_views, mode=mode)
+
+
 class Trainee:
     """One job in training: its student (DDP-wrapped under torchrun), optimizer and the
     device-side sums of the current epoch."""
@@ -235,9 +241,8 @@ def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
     first = trainees[0].job
     recipe, device, teacher = first.recipe, first.device, shared_teacher(trainees)
     show = first.show_progress and ctx.is_main
-    mode = COMPILE_MODES[first.compile]
-    replay = replay_views if mode is None else torch.compile(replay_views, mode=mode)
-    compile_pending = mode is not None
+    replay = replay_function(first.compile)
+    compile_pending = first.compile != "off"
     for epoch in range(min(t.start_epoch for t in trainees), recipe.epochs):
         active = [t for t in trainees if t.start_epoch <= epoch]
         round_ = teacher.begin_epoch(epoch) if teacher is not None else epoch
