@@ -176,3 +176,14 @@ def test_cuda_compiled_training_matches_eager(digits_dir, teacher_ckpt, crld_sto
         histories[mode] = fit(build_job(cfg))
     for eager, compiled in zip(histories["off"], histories["on"]):
         assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+
+
+def test_the_stages_meet_only_in_the_store():
+    """Stage 2 never imports stage 1, nor stage 1 the training loop: both build on kdcache.runtime."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kdcache.{0}; bad = [m for m in {1} if m in sys.modules]; "
+            "assert not bad, bad")
+    for stage, forbidden in (("distill", ["kdcache.precompute"]), ("precompute", ["kdcache.engine", "kdcache.distill"])):
+        subprocess.run([sys.executable, "-c", code.format(stage, forbidden)], check=True)
