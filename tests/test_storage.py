@@ -5,11 +5,14 @@ import errno
 import json
 import multiprocessing
 import os
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 
 from kdcache.errors import KdcacheError
@@ -22,6 +25,7 @@ from kdcache.storage import (
     measure_encoding,
     slab_path,
 )
+from kdcache.storage.encodings import TopKEncoding
 
 WEAK = {"name": "crop_flip", "params": {"pad": 4}}
 IDENTITY = {
@@ -32,6 +36,7 @@ IDENTITY = {
     "store_seed": 7,
 }
 VIEWS = ["weak", "strong"]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
 
 
 def make_logits(round, view, n, c):
@@ -73,10 +78,12 @@ def test_round_trip(tmp_path, encoding):
         assert ((decoded - logits).abs() <= half_step[:, None] * (1 + 1e-5) + 1e-6).all()
     else:
         top = logits.topk(3, dim=1).indices
-        assert torch.equal(decoded.gather(1, top), logits.gather(1, top))
-        # The tail constant keeps the softmax at T=1 on the top-k classes.
-        p, q = logits.softmax(1).gather(1, top), decoded.softmax(1).gather(1, top)
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+        assert torch.equal(decoded.gather(1, top), logits.gather(1, top).half().float())
+        rest = torch.ones_like(logits, dtype=torch.bool).scatter(1, top, False)
+        # The top-k order survives, and the tail keeps the other classes' softmax mass at T=1.
+        assert (decoded.gather(1, top).min(1).values >= decoded.masked_fill(~rest, -1e9).max(1).values).all()
+        mass = logits.masked_fill(~rest, -torch.inf).logsumexp(1)
+        assert torch.allclose(decoded.masked_fill(~rest, -torch.inf).logsumexp(1), mass, atol=1e-5)
 
 
 def test_int8_handles_constant_rows():
@@ -86,14 +93,29 @@ def test_int8_handles_constant_rows():
 
 
 @pytest.mark.parametrize(
-    "encoding, expected",
-    [("float16", 2 * 100 + 8), ("int8", 100 + 8 + 8), ("topk", 10 * 6 + 4 + 8)],
+    "encoding, num_classes, expected",
+    [("float16", 100, 2 * 100 + 8), ("int8", 100, 100 + 8 + 8), ("topk", 100, 10 * 4 + 4 + 8),
+     ("topk:20", 1000, 20 * 4 + 4 + 8)],
 )
-def test_bytes_per_view_sample_is_exact(tmp_path, encoding, expected):
-    store = create(tmp_path / "s", num_classes=100, encoding=encoding)
-    encoded = get_encoding(encoding).encode(make_logits(0, "weak", 64, 100)[0].numpy())
+def test_bytes_per_view_sample_is_exact(tmp_path, encoding, num_classes, expected):
+    store = create(tmp_path / "s", num_classes=num_classes, encoding=encoding)
+    encoded = get_encoding(encoding).encode(make_logits(0, "weak", 64, num_classes)[0].numpy())
     per_row = sum(a.nbytes for a in encoded.values()) // 64 + 8
     assert store.info()["bytes_per_view_sample"] == per_row == expected
+
+
+def test_topk_keeps_order_of_constant_and_tied_rows():
+    """The tail never rises above a kept value, even when float16 rounds that value down."""
+    enc = get_encoding("topk:3")
+    rows = np.array([[0.1] * 5, [0.3, 0.1, 0.1, 0.1, 0.1]], dtype=np.float32)
+    decoded = enc.decode(enc.encode(rows), 5)
+    assert np.array_equal(decoded[0], np.full(5, np.float16(0.1), np.float32))
+    assert decoded[1, 0] == np.float16(0.3) and (decoded[1, 1:] <= np.float16(0.1)).all()
+
+
+def test_topk_refuses_values_beyond_float16():
+    with pytest.raises(KdcacheError, match="float16 range; use --encoding int8"):
+        get_encoding("topk:2").encode(np.array([[1e6, 0, 0, 0]], dtype=np.float32))
 
 
 def test_unknown_encoding_and_float16_overflow(tmp_path):
@@ -224,13 +246,74 @@ def test_interrupted_slab_is_ignored_then_rewritten(tmp_path):
         write(store, 2, "weak")
 
 
-def test_plain_zarr_reads_a_slab(tmp_path):
-    logits, seeds = write(create(tmp_path / "s"), 1, "weak")
-    root = zarr.open_group(tmp_path / "s", mode="r")
-    slab = root["slabs/r00001/weak"]
-    assert slab.attrs["complete"] is True and root.attrs["identity"]["encoding"] == "float16"
-    assert np.array_equal(slab["logits"][:], logits.half().numpy())
-    assert np.array_equal(slab["seeds"][:], seeds.numpy().view(np.uint64))
+def test_format_2_topk_store_is_read_not_extended(tmp_path, monkeypatch):
+    """Format 2 kept top-k values in float32: such a store still decodes, but new slabs
+    would be float16, so opening it for writing says to recompute it."""
+    encode = TopKEncoding.encode
+
+    def float32_values(self, logits):
+        arrays = encode(self, logits)
+        return {**arrays, "logits": np.take_along_axis(logits, arrays["indices"].astype(np.int64), axis=1)}
+
+    store = create(tmp_path / "s", encoding="topk:3")
+    monkeypatch.setattr(TopKEncoding, "encode", float32_values)
+    logits, _ = write(store, 0, "weak")
+    monkeypatch.undo()
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"kdcache_store_format": 2})
+    old = LogitStore.open(tmp_path / "s")
+    top = logits.topk(3, dim=1).indices
+    assert old.info()["format_version"] == 2
+    assert torch.equal(old.slab(0, "weak").gather(1, top), logits.gather(1, top))
+    for reopen in (lambda: LogitStore.open(tmp_path / "s", mode="r+"),
+                   lambda: create(tmp_path / "s", encoding="topk:3")):
+        with pytest.raises(KdcacheError, match="store format 2, whose top-k values are float32.*--overwrite"):
+            reopen()
+
+
+def test_format_2_dense_store_is_resumed(tmp_path):
+    """float16 and int8 slabs are the same in formats 2 and 3."""
+    create(tmp_path / "s", encoding="int8")
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"kdcache_store_format": 2})
+    store = create(tmp_path / "s", encoding="int8")
+    write(store, 0, "weak")
+    assert store.is_complete(0, "weak", deep=True) and store.info()["format_version"] == 2
+
+
+# ---- reading with plain zarr and xarray -----------------------------------------------
+
+
+@pytest.mark.parametrize("encoding, dims", [
+    ("float16", {"logits": ("sample", "class"), "seeds": ("sample",)}),
+    ("int8", {"logits": ("sample", "class"), "scale": ("sample",), "offset": ("sample",), "seeds": ("sample",)}),
+    ("topk:3", {"logits": ("sample", "rank"), "indices": ("sample", "rank"), "tail": ("sample",),
+                "seeds": ("sample",)}),
+])
+def test_xarray_opens_a_slab_with_named_dimensions(tmp_path, encoding, dims):
+    store = create(tmp_path / "s", encoding=encoding)
+    _, seeds = write(store, 1, "weak")
+    slab = xr.open_zarr(tmp_path / "s", group=slab_path(1, "weak"), consolidated=False)
+    assert {name: slab[name].dims for name in slab.data_vars} == dims
+    assert slab.attrs["complete"] is True and slab.sizes["sample"] == 64
+    assert np.array_equal(slab["seeds"].values, seeds.numpy().view(np.uint64))
+    arrays = {name: slab[name].values for name in get_encoding(encoding).array_names}
+    assert torch.equal(torch.from_numpy(get_encoding(encoding).decode(arrays, 10)), store.slab(1, "weak"))
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8", "topk:3"])
+def test_store_format_doc_examples_run(tmp_path, encoding, monkeypatch):
+    """The reading examples of docs/store-format.md, run on a store with a slab in round 3:
+    plain zarr for every encoding, xarray for float16."""
+    section = DOCS.read_text().split("## Reading a store with plain zarr and xarray")[1]
+    examples = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(examples) == 2
+    store = create(tmp_path / "STORE", rounds=4, encoding=encoding)
+    _, seeds = write(store, 3, "weak")
+    monkeypatch.chdir(tmp_path)
+    for example in examples if encoding == "float16" else examples[:1]:
+        namespace = {}
+        exec(example, namespace)
+        assert np.array_equal(namespace["logits"], store.slab(3, "weak").numpy())
+        assert np.array_equal(namespace["seeds"], seeds.numpy().view(np.uint64))
 
 
 # ---- validation before writing ---------------------------------------------------------

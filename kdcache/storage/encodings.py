@@ -16,13 +16,20 @@ import torch
 from kdcache.errors import KdcacheError
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+SAMPLE = "sample"  # the row dimension every array of a slab shares
 
 
 class Encoding:
     """Base class: `encode`, `decode` and the exact uncompressed size of one row."""
 
     name: str
-    array_names: tuple[str, ...]  # what `encode` returns and `decode` needs
+    # What `encode` returns and `decode` needs, each with its zarr dimension names
+    # (so xarray can open a slab).
+    dimension_names: dict[str, tuple[str, ...]]
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return tuple(self.dimension_names)
 
     def check(self, num_classes: int) -> None:
         """Raise KdcacheError if this encoding cannot store `num_classes` classes."""
@@ -37,19 +44,22 @@ class Encoding:
         raise NotImplementedError
 
 
+def _to_float16(logits: np.ndarray) -> np.ndarray:
+    """Round to float16, refusing logits beyond its range instead of storing inf."""
+    peak = float(np.abs(logits).max(initial=0.0))
+    if peak > _FLOAT16_MAX:
+        raise KdcacheError(f"logit magnitude {peak:.3g} exceeds the float16 range; use --encoding int8")
+    return logits.astype(np.float16)
+
+
 class Float16Encoding(Encoding):
     """Dense float16: error at most half a float16 ulp (relative 2**-11)."""
 
     name = "float16"
-    array_names = ("logits",)
+    dimension_names = {"logits": (SAMPLE, "class")}
 
     def encode(self, logits):
-        peak = float(np.abs(logits).max(initial=0.0))
-        if peak > _FLOAT16_MAX:
-            raise KdcacheError(
-                f"logit magnitude {peak:.3g} exceeds the float16 range; use --encoding int8"
-            )
-        return {"logits": logits.astype(np.float16)}
+        return {"logits": _to_float16(logits)}
 
     def decode(self, arrays, num_classes):
         return arrays["logits"].astype(np.float32)
@@ -66,7 +76,7 @@ class Int8Encoding(Encoding):
     """
 
     name = "int8"
-    array_names = ("logits", "scale", "offset")
+    dimension_names = {"logits": (SAMPLE, "class"), "scale": (SAMPLE,), "offset": (SAMPLE,)}
 
     def encode(self, logits):
         low = logits.min(axis=1)
@@ -84,15 +94,16 @@ class Int8Encoding(Encoding):
 
 
 class TopKEncoding(Encoding):
-    """The k largest logits exactly (float32) with their class indices; the rest of the
-    row is filled with one constant `tail` = logsumexp(other logits) - log(C - k).
+    """The k largest logits in float16, largest first, with their class indices; the rest
+    of the row is one constant `tail` = logsumexp(other logits) - log(C - k) (float32).
 
     That constant keeps the total softmax mass of the other classes at T=1, so the
-    decoded softmax at T=1 equals the original on the top-k classes; at other
-    temperatures the tail mass is approximate. The tail never exceeds the k-th logit.
+    decoded softmax at T=1 equals the original on the top-k classes (up to float16
+    rounding); at other temperatures the tail mass is approximate. The tail is clamped to
+    the smallest kept value, so the top-k order survives the rounding.
     """
 
-    array_names = ("logits", "indices", "tail")
+    dimension_names = {"logits": (SAMPLE, "rank"), "indices": (SAMPLE, "rank"), "tail": (SAMPLE,)}
 
     def __init__(self, k: int):
         if k < 1:
@@ -113,30 +124,29 @@ class TopKEncoding(Encoding):
         num_classes = logits.shape[1]
         self.check(num_classes)
         top = np.argpartition(-logits, self.k - 1, axis=1)[:, : self.k]
-        values = np.take_along_axis(logits, top, axis=1)
+        order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1)  # largest first
+        top = np.take_along_axis(top, order, axis=1)
+        values = _to_float16(np.take_along_axis(logits, top, axis=1))
         rest = logits.astype(np.float64)
         np.put_along_axis(rest, top, -np.inf, axis=1)
         peak = rest.max(axis=1, keepdims=True)
         log_mass = peak[:, 0] + np.log(np.exp(rest - peak).sum(axis=1))
-        tail = (log_mass - math.log(num_classes - self.k)).astype(np.float32)
-        return {
-            "logits": values.astype(np.float32),
-            "indices": top.astype(self._index_dtype(num_classes)),
-            "tail": tail,
-        }
+        tail = np.minimum(log_mass - math.log(num_classes - self.k), values[:, -1]).astype(np.float32)
+        return {"logits": values, "indices": top.astype(self._index_dtype(num_classes)), "tail": tail}
 
     def decode(self, arrays, num_classes):
-        tail = arrays["tail"]
-        out = np.repeat(tail[:, None], num_classes, axis=1)
-        np.put_along_axis(out, arrays["indices"].astype(np.int64), arrays["logits"], axis=1)
+        # Format 2 stores hold float32 values: the cast reads both.
+        out = np.repeat(arrays["tail"][:, None], num_classes, axis=1)
+        values = arrays["logits"].astype(np.float32)
+        np.put_along_axis(out, arrays["indices"].astype(np.int64), values, axis=1)
         return out
 
     def bytes_per_row(self, num_classes):
         index_bytes = np.dtype(self._index_dtype(num_classes)).itemsize
-        return self.k * (4 + index_bytes) + 4
+        return self.k * (2 + index_bytes) + 4
 
 
-DEFAULT_TOPK = 10
+DEFAULT_TOPK = 10  # what `topk` alone means
 
 
 def get_encoding(name: str) -> Encoding:

@@ -29,10 +29,13 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import __version__
 from kdcache.errors import KdcacheError, first_difference, short_json
 from kdcache.locks import FileLock
-from kdcache.storage.encodings import get_encoding, logit_errors, measure_encoding
+from kdcache.storage.encodings import SAMPLE, TopKEncoding, get_encoding, logit_errors, measure_encoding
 
+# 3: top-k values in float16 (were float32).
 # 2: crc32c on every chunk, every chunk written, chunk files listed in the marker.
-STORE_FORMAT_VERSION = 2
+STORE_FORMAT_VERSION = 3
+# Format 2 differs from 3 only in the dtype of top-k values, which decoding casts anyway.
+OLDEST_READABLE_FORMAT = 2
 FORMAT_KEY = "kdcache_store_format"
 SEED_BYTES = 8
 # Target size of one chunk: a CIFAR-100 float16 slab (10 MB) is 3 chunks.
@@ -86,7 +89,7 @@ _ROOT_TYPES = {FORMAT_KEY: int, "kdcache_version": str, "created": str, "identit
 def _check_root_attrs(path: Path, attrs: dict) -> None:
     """Refuse stores of another format version, or whose root attributes are damaged."""
     version = attrs.get(FORMAT_KEY)
-    if isinstance(version, int) and version != STORE_FORMAT_VERSION:
+    if isinstance(version, int) and not OLDEST_READABLE_FORMAT <= version <= STORE_FORMAT_VERSION:
         if version > STORE_FORMAT_VERSION:
             raise KdcacheError(
                 f"{path} has store format {version}, newer than this kdcache "
@@ -203,6 +206,12 @@ class LogitStore:
         self._writable = writable
         self._attrs = attrs
         self._encoding = get_encoding(attrs["identity"]["encoding"])
+        if writable and attrs[FORMAT_KEY] < STORE_FORMAT_VERSION and isinstance(self._encoding, TopKEncoding):
+            raise KdcacheError(
+                f"{path} has store format {attrs[FORMAT_KEY]}, whose top-k values are float32; this kdcache "
+                f"reads it but writes format {STORE_FORMAT_VERSION} (float16): to add slabs, recompute it with "
+                "precompute --overwrite"
+            )
 
     # ---- creating and opening -------------------------------------------------------
 
@@ -389,6 +398,7 @@ class LogitStore:
             )
         stats = _as_json(stats or {}, "stats")
         arrays = {**self._encoding.encode(logits), "seeds": seeds}
+        dimension_names = {**self._encoding.dimension_names, "seeds": (SAMPLE,)}
 
         rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
         rows = math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
@@ -401,7 +411,7 @@ class LogitStore:
                 # Every chunk is written, even one equal to the fill value, so that a
                 # missing chunk file always means damage.
                 group.create_array(
-                    name, data=data, chunks=(rows,) + data.shape[1:],
+                    name, data=data, chunks=(rows,) + data.shape[1:], dimension_names=dimension_names[name],
                     compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
                 )
             chunks = _chunk_files(self._path / slab_path(round, view))
