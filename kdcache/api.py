@@ -15,17 +15,15 @@ Everything a hand-written loop needs, without kdcache's training engine (docs/ap
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from kdcache.augment import ViewPolicy, get_policy, normalize
 from kdcache.data import DatasetMeta, load_split, make_loader
-from kdcache.distill import check_store
-from kdcache.replay import ViewReplayer, replayer_for
+from kdcache.replay import ViewReplayer, check_store, eval_views, replayer_for
 from kdcache.storage import LogitStore
+from kdcache.teachers import DeviceSlabs
 
 __all__ = [
     "DatasetMeta", "LogitStore", "StoreDataset", "StoreSample", "TeacherLogits", "ViewReplayer",
@@ -48,15 +46,16 @@ class TeacherLogits:
     """The stored teacher logits of views, looked up by (round, slot, sample indices).
 
     Rounds may be visited in any order. The slabs of the round last asked for stay in
-    memory on `device` (float32 [N, C] per slot); asking for another round reads that
-    round's slabs and drops the previous ones, so visit all batches of a round before
-    moving on to the next.
+    memory on `device` ([N, C] per slot, float16 for float16 stores, else float32, as
+    kdcache's own training keeps them); asking for another round reads that round's slabs
+    and drops the previous ones, so visit all batches of a round before moving on.
     """
 
     def __init__(self, store: LogitStore, device: str | torch.device = "cpu"):
         self.store = store
         self.device = torch.device(device)
         self.round: int | None = None
+        self._source = DeviceSlabs(store, self.device)
         self._slabs: dict[str, torch.Tensor] = {}
 
     def slab(self, round_: int, slot: str) -> torch.Tensor:
@@ -65,29 +64,13 @@ class TeacherLogits:
             self._slabs = {}
             self.round = round_
         if slot not in self._slabs:
-            self._slabs[slot] = self.store.slab(round_, slot).to(self.device)
+            self._slabs[slot] = self._source.slab(round_, slot)
         return self._slabs[slot]
 
     def __call__(self, round_: int, slot: str, indices: torch.Tensor) -> torch.Tensor:
         """float32 [B, C] logits of the views (round, slot, indices), on the device of `indices`."""
         rows = self.slab(round_, slot).index_select(0, indices.to(self.device))
-        return rows.to(indices.device, non_blocking=True)
-
-
-@lru_cache(maxsize=None)
-def _identity_policy(image_size: int) -> ViewPolicy:
-    return get_policy("identity", image_size)
-
-
-def eval_views(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> the float32 un-augmented, normalised views models are evaluated on.
-
-    This is the `identity` view policy followed by the dataset's normalisation
-    (`DatasetMeta.mean`, `.std`), what `kdcache distill` reports test accuracy on.
-    """
-    # The identity policy draws nothing from its seeds; any int64 values will do.
-    no_seeds = torch.zeros(len(images), dtype=torch.int64, device=images.device)
-    return normalize(_identity_policy(images.shape[-1])(images, no_seeds), mean, std)
+        return rows.to(indices.device, non_blocking=True).float()
 
 
 class StoreSample(NamedTuple):

@@ -20,7 +20,7 @@ from kdcache.losses import get_loss
 from kdcache.models import create_model, file_sha256, load_teacher
 from kdcache.paths import stores_root
 from kdcache.recipes import Recipe
-from kdcache.replay import ViewReplayer, replayer_for
+from kdcache.replay import ViewReplayer, check_store, replayer_for
 from kdcache.storage import LogitStore
 from kdcache.teachers import CachedTeacher, OnlineTeacher
 
@@ -62,22 +62,6 @@ def find_store(meta: DatasetMeta, views: tuple[str, ...]) -> Path:
         raise KdcacheError(f"several stores in {root} fit {meta.name}: {', '.join(p.name for p in matches)}; "
                            "choose one with --store")
     return matches[0]
-
-
-def check_store(store: LogitStore, meta: DatasetMeta, views: tuple[str, ...]) -> None:
-    """The store must come from this data (pixels, labels, normalisation) and hold the views."""
-    ident = store.identity
-    if ident["dataset_fingerprint"] != meta.fingerprint:
-        raise KdcacheError(f"store {store.path} was made from other data (fingerprint {ident['dataset_fingerprint'][:12]} "
-                           f"!= {meta.fingerprint[:12]} of {meta.name}); pass the --data it was made from")
-    if store.num_classes != meta.num_classes:
-        raise KdcacheError(f"store {store.path} has {store.num_classes} classes, the data {meta.num_classes}")
-    if list(ident["mean"]) != list(meta.mean) or list(ident["std"]) != list(meta.std):
-        raise KdcacheError(f"store {store.path} normalises with other mean/std than {meta.name}'s meta.json")
-    missing = [v for v in views if v not in store.views]
-    if missing:
-        raise KdcacheError(f"store {store.path} has views {store.views}, the loss needs {list(views)}; "
-                           f"precompute with --views {','.join(views)}")
 
 
 def build_job(cfg: DistillConfig) -> TrainJob:

@@ -254,7 +254,8 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
     max_diff = sum_diff = 0.0
     agree = seeds_ok = passed = 0
     slabs = list(zip(*np.unique(flat // n, return_index=True, return_counts=True)))
-    for slab_i, first, count in tqdm(slabs, desc="verify", unit="slab", disable=not progress, dynamic_ncols=True):
+    for slab_i, first, count in tqdm(slabs, desc="verify", unit="slab", leave=False, disable=not progress,
+                                            dynamic_ncols=True):
         round_, slot = complete[slab_i]
         idx = torch.from_numpy(flat[first:first + count] % n)
         stored = store.slab(round_, slot)[idx]

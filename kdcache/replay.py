@@ -1,4 +1,5 @@
-"""The one function both stages call: (round, slot, sample indices) -> normalised views.
+"""The one function both stages call: (round, slot, sample indices) -> normalised views;
+with it, what a store must match (`check_store`) and the evaluation view (`eval_views`).
 
 Stage 1 (precompute) and stage 2 (distill, online or cached) build a `ViewReplayer` from
 the same store identity, so a sample's view in round r, slot v is the same pixels in
@@ -7,11 +8,12 @@ both, whatever the batch it arrives in.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
 
-from kdcache.augment import get_policy, normalize, policy_from_spec
+from kdcache.augment import ViewPolicy, get_policy, normalize, policy_from_spec
 from kdcache.augment.policies import channel_constants
 from kdcache.augment.seeds import key_prefix, seeds_from_prefix
 from kdcache.errors import KdcacheError
@@ -90,3 +92,35 @@ def replayer_for(store) -> ViewReplayer:
     """The replayer of a `LogitStore`: its policies, seed and normalisation, as precompute used them."""
     ident = store.identity
     return ViewReplayer(ident["policies"], ident["store_seed"], ident["mean"], ident["std"])
+
+
+def check_store(store: LogitStore, meta: DatasetMeta, views: tuple[str, ...]) -> None:
+    """The store must come from this data (pixels, labels, normalisation) and hold the views."""
+    ident = store.identity
+    if ident["dataset_fingerprint"] != meta.fingerprint:
+        raise KdcacheError(f"store {store.path} was made from other data (fingerprint {ident['dataset_fingerprint'][:12]} "
+                           f"!= {meta.fingerprint[:12]} of {meta.name}); pass the --data it was made from")
+    if store.num_classes != meta.num_classes:
+        raise KdcacheError(f"store {store.path} has {store.num_classes} classes, the data {meta.num_classes}")
+    if list(ident["mean"]) != list(meta.mean) or list(ident["std"]) != list(meta.std):
+        raise KdcacheError(f"store {store.path} normalises with other mean/std than {meta.name}'s meta.json")
+    missing = [v for v in views if v not in store.views]
+    if missing:
+        raise KdcacheError(f"store {store.path} has views {store.views}, the loss needs {list(views)}; "
+                           f"precompute with --views {','.join(views)}")
+
+
+@lru_cache(maxsize=None)
+def _identity_policy(image_size: int) -> ViewPolicy:
+    return get_policy("identity", image_size)
+
+
+def eval_views(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> the float32 un-augmented, normalised views models are evaluated on.
+
+    This is the `identity` view policy followed by the dataset's normalisation
+    (`DatasetMeta.mean`, `.std`), what `kdcache distill` reports test accuracy on.
+    """
+    # The identity policy draws nothing from its seeds; any int64 values will do.
+    no_seeds = torch.zeros(len(images), dtype=torch.int64, device=images.device)
+    return normalize(_identity_policy(images.shape[-1])(images, no_seeds), mean, std)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.augment import get_policy, normalize
 from kdcache.data import DatasetMeta, make_loader
 from kdcache.errors import KdcacheError
+from kdcache.replay import eval_views
 
 
 @dataclass
@@ -103,13 +103,12 @@ def evaluate(model: nn.Module, data_dir: Path, meta: DatasetMeta, device: torch.
     Sums stay on the device and are read once at the end (no host sync per batch)."""
     was_training = model.training
     model.eval()
-    identity = get_policy("identity", meta.image_shape[-1])
     loader = make_loader(data_dir, "test", batch_size, shuffle=False, device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     start = time.perf_counter()
     for images, labels, indices in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress,
                                         dynamic_ncols=True):
-        x = normalize(identity(images, indices), meta.mean, meta.std)
+        x = eval_views(images, meta.mean, meta.std)
         with autocast(device, precision):
             logits = model(to_model_input(x)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

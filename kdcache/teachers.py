@@ -14,7 +14,7 @@ from torch import nn
 from kdcache.storage import LogitStore, SlabPrefetcher
 
 
-class _DeviceSlabs:
+class DeviceSlabs:
     """`slab(round, view)` on the training device, for the prefetch thread to call.
 
     Slabs of a float16 store stay float16 on the device (exact, half the memory); other
@@ -50,7 +50,7 @@ class CachedTeacher:
         self.slots = list(slots)
         self.rounds = rounds or store.rounds  # a student may use only the store's first rounds
         self.epochs = epochs
-        self._source = _DeviceSlabs(store, torch.device(device))
+        self._source = DeviceSlabs(store, torch.device(device))
         self._prefetcher: SlabPrefetcher | None = None
         self._slabs: dict[str, torch.Tensor] = {}
         self._loaded_round: int | None = None

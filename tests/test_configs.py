@@ -18,9 +18,10 @@ from test_hostile import run_main
 def test_yaml_loss_params_reach_the_recipe_and_flags_override_key_by_key(tmp_path):
     (tmp_path / "kd.yaml").write_text("student: resnet8\nloss: kd\nloss_params: {T: 2, kd_weight: 0.8}\n"
                                       "recipe:\n  epochs: 3\n  lr: 0.1\n")
-    run, recipe = _run_config(tmp_path / "kd.yaml", None, False, {"student": None, "loss": None},
-                              dict(epochs=None, lr=0.2), None, ["kd_weight=0.5"])
+    run, recipe_for = _run_config(tmp_path / "kd.yaml", None, False, {"student": None, "loss": None},
+                                  dict(epochs=None, lr=0.2), None, ["kd_weight=0.5"])
     assert run == {"student": "resnet8", "loss": "kd"}
+    recipe = recipe_for(run["student"])
     assert recipe.loss_params == {"T": 2, "kd_weight": 0.5}
     assert (recipe.epochs, recipe.lr) == (3, 0.2)
 

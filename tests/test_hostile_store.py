@@ -98,7 +98,7 @@ def interrupted_store(tmp: Path, fx: dict) -> None:
 
 PRECOMPUTE = ["precompute", "--teacher", "resnet8", "--ckpt", "{ckpt}", "--data", "{data}", "--views", "weak",
               "--rounds", "1", "--out", "{tmp}/store", "--device", "cpu", "--quiet"]
-VERIFY = ["verify", "{tmp}/store", "--ckpt", "{ckpt}", "--data", "{data}", "--device", "cpu"]
+VERIFY = ["verify", "{tmp}/store", "--ckpt", "{ckpt}", "--data", "{data}", "--device", "cpu", "--quiet"]
 
 CORPUS = {
     # name: (arguments, setup or None, words of the one error line)
@@ -116,7 +116,7 @@ CORPUS = {
     "encoding topk:0": ([*PRECOMPUTE, "--encoding", "topk:0"], None, "topk needs k >= 1"),
     "encoding topk:": ([*PRECOMPUTE, "--encoding", "topk:"], None, "unknown encoding 'topk:'"),
     "encoding bf8": ([*PRECOMPUTE, "--encoding", "bf8"], None, "unknown encoding 'bf8'"),
-    "precision fp8": ([*PRECOMPUTE, "--precision", "fp8"], None, "--precision must be fp32 or bf16"),
+    "precision fp8": ([*PRECOMPUTE, "--precision", "fp8"], None, "--precision must be auto, fp32 or bf16"),
     "views empty": ([*PRECOMPUTE, "--views", ""], None, "empty view slot"),
     "views twice": ([*PRECOMPUTE, "--views", "weak,weak"], None, "given twice"),
     "views unknown policy": ([*PRECOMPUTE, "--views", "weak=nosuch"], None, "nosuch"),

@@ -22,9 +22,10 @@ STEPS = [("ce", "cached"), ("kd", "cached"), ("dkd", "cached"), ("dist", "cached
          ("cmkd", "cached"), ("crld", "online")]
 
 
-def config(digits_dir, teacher_ckpt, store, out, loss="crld", mode="cached", student="resnet8", epochs=1, **recipe):
+def config(digits_dir, teacher_ckpt, store, out, loss="crld", mode="cached", student="resnet8", epochs=1,
+           batch_size=64):
     return DistillConfig(student=student, loss=loss, data_dir=digits_dir, out=out,
-                         recipe=make_recipe(student, epochs=epochs, batch_size=64, **recipe), store=store.path,
+                         recipe=make_recipe(student, epochs=epochs, batch_size=batch_size), store=store.path,
                          teacher_mode=mode, teacher="resnet8", ckpt=teacher_ckpt, device="cpu", show_progress=False)
 
 
@@ -81,11 +82,12 @@ def test_student_forward_and_loss_are_one_graph(digits_dir, teacher_ckpt, crld_s
 
 
 def test_students_in_one_pass_end_with_the_weights_they_get_alone(digits_dir, teacher_ckpt, crld_store, tmp_path):
-    pairs = [("resnet8", "kd"), ("resnet8", "crld"), ("resnet20", "crld")]
+    pairs = [("resnet8", "kd"), ("resnet8", "crld")]
     together = fit_jobs(build_jobs([config(digits_dir, teacher_ckpt, crld_store, tmp_path / f"{s}-{loss}", loss,
-                                           student=s, epochs=2) for s, loss in pairs]))
-    alone = fit(build_job(config(digits_dir, teacher_ckpt, crld_store, tmp_path / "alone", "crld", epochs=2)))
-    assert [len(h) for h in together] == [2, 2, 2]
+                                           student=s, epochs=2, batch_size=256) for s, loss in pairs]))
+    alone = fit(build_job(config(digits_dir, teacher_ckpt, crld_store, tmp_path / "alone", "crld", epochs=2,
+                                 batch_size=256)))
+    assert [len(h) for h in together] == [2, 2]
     for name in ("train_loss", "test_top1"):
         assert together[1][-1][name] == alone[-1][name]
     mine, theirs = (read_checkpoint(tmp_path / d / "last.pth")["model"] for d in ("resnet8-crld", "alone"))

@@ -17,6 +17,11 @@ META_FILE = "meta.json"
 
 @dataclass
 class DatasetMeta:
+    """What `kdcache data prepare` recorded about a dataset dir (its meta.json): classes,
+    image shape, split sizes, the train split's mean/std that every view is normalised
+    with, and the fingerprint that ties stores and runs to these exact pixels and labels.
+    `DatasetMeta.load(dir)` reads and validates it."""
+
     name: str
     num_classes: int
     class_names: list[str]
