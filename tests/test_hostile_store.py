@@ -83,6 +83,12 @@ def data_with_meta(**changes):
     return setup
 
 
+def format_2_topk(store: Path) -> None:
+    """Mark the store as a format 2 top-k store (float32 values), which this kdcache only reads."""
+    root = zarr.open_group(store, mode="r+")
+    root.update_attributes({"kdcache_store_format": 2, "identity": {**root.attrs["identity"], "encoding": "topk:3"}})
+
+
 def store_and_other_ckpt(tmp: Path, fx: dict) -> None:
     store_copy()(tmp, fx)
     (tmp / "t.pth").write_bytes(fx["ckpt"].read_bytes() + b"\0")
@@ -137,6 +143,8 @@ CORPUS = {
     "store of another encoding": ([*PRECOMPUTE, "--encoding", "int8"], store_copy(), "encoding=\"float16\""),
     "store of format 1": (PRECOMPUTE, root_attrs(kdcache_store_format=1), "store format 1"),
     "store of format 99": (PRECOMPUTE, root_attrs(kdcache_store_format=99), "upgrade kdcache"),
+    "top-k store of format 2": ([*PRECOMPUTE, "--encoding", "topk:3"], store_copy(format_2_topk),
+                                "store format 2, whose top-k values are float32"),
     "store with garbage zarr.json": (PRECOMPUTE, store_copy(lambda s: (s / "zarr.json").write_text("{garbage")),
                                      "zarr.json is unreadable"),
     "store with damaged rounds": (PRECOMPUTE, root_attrs(rounds="3"), "damaged root attribute 'rounds'"),
