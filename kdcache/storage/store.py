@@ -12,6 +12,7 @@ damaged slab instead of being read as zeros.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
 import os
@@ -273,13 +274,21 @@ class LogitStore:
             "views": views,
             "attrs": attrs,
         }
+        # Made aside and renamed into place, so a concurrent precompute never sees a half-made store.
+        staging = path.parent / f".{path.name}.creating-{os.getpid()}"
         with _writing(path):
+            shutil.rmtree(staging, ignore_errors=True)
+            zarr.open_group(staging, mode="w-", zarr_format=3, attributes=root_attrs)
             try:
-                root = zarr.open_group(path, mode="w-", zarr_format=3, attributes=root_attrs)
-            except FileExistsError:  # another process created it meanwhile: resume it
+                os.rename(staging, path)
+            except OSError as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # another process created it meanwhile: resume it
                 return cls.create(path, identity=identity, num_samples=num_samples, num_classes=num_classes,
                                   rounds=rounds, views=views, encoding=encoding, attrs=attrs)
-        return cls(path, root, writable=True)
+        return cls(path, zarr.open_group(path, mode="r+"), writable=True)
 
     @classmethod
     def open(cls, path, mode: str = "r") -> LogitStore:
