@@ -15,15 +15,19 @@ import torch
 import xarray as xr
 import zarr
 
+import kdcache.errors
 from kdcache.errors import KdcacheError
 from kdcache.locks import FileLock
+from kdcache.losses import get_loss
 from kdcache.storage import (
     STORE_FORMAT_VERSION,
     LogitStore,
     SlabPrefetcher,
+    default_encoding,
     get_encoding,
     measure_encoding,
     slab_path,
+    warn_if_loss_needs_full_logits,
 )
 from kdcache.storage.encodings import TopKEncoding
 
@@ -104,6 +108,13 @@ def test_bytes_per_view_sample_is_exact(tmp_path, encoding, num_classes, expecte
     assert store.info()["bytes_per_view_sample"] == per_row == expected
 
 
+def test_default_encoding_is_topk_from_500_classes_within_5_percent_of_float16(tmp_path):
+    assert default_encoding(10) == default_encoding(499) == "float16"
+    assert default_encoding(500) == default_encoding(1000) == "topk:20"
+    store = create(tmp_path / "s", num_classes=1000, encoding=default_encoding(1000))
+    assert store.bytes_per_view_sample() <= 0.05 * 2 * 1000
+
+
 def test_topk_keeps_order_of_constant_and_tied_rows():
     """The tail never rises above a kept value, even when float16 rounds that value down."""
     enc = get_encoding("topk:3")
@@ -116,6 +127,28 @@ def test_topk_keeps_order_of_constant_and_tied_rows():
 def test_topk_refuses_values_beyond_float16():
     with pytest.raises(KdcacheError, match="float16 range; use --encoding int8"):
         get_encoding("topk:2").encode(np.array([[1e6, 0, 0, 0]], dtype=np.float32))
+
+
+def test_warns_once_when_a_loss_softens_beyond_top_k(capsys, monkeypatch):
+    monkeypatch.setattr(kdcache.errors, "_warned", set())  # what earlier tests warned about
+    softened = [get_loss(name) for name in ("kd", "dkd", "dist", "crld", "cmkd")]  # defaults: T=4
+    at_t1 = [get_loss("ce"), get_loss("kd", T=1), get_loss("dkd", T=1), get_loss("dist", tau=1),
+             get_loss("crld", T=1), get_loss("cmkd", T=1)]
+    assert all(loss.needs_full_distribution for loss in softened)
+    assert not any(loss.needs_full_distribution for loss in at_t1)
+    for loss in softened + at_t1:
+        warn_if_loss_needs_full_logits(loss, "float16")
+        warn_if_loss_needs_full_logits(loss, "int8")
+    for loss in at_t1:
+        warn_if_loss_needs_full_logits(loss, "topk:20")
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        for loss in softened:
+            warn_if_loss_needs_full_logits(loss, "topk:20")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(softened)
+    assert lines[2].startswith("warning: loss 'dist' softens the teacher (tau=4)")
+    assert all("beyond the top 20 logits this store keeps (topk:20)" in line for line in lines)
 
 
 def test_unknown_encoding_and_float16_overflow(tmp_path):

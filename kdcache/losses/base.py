@@ -8,7 +8,8 @@ class DistillLoss:
 
     Subclasses set `name`, `views` (view slots needed per step; `student_logits` and
     `teacher_logits` are lists indexed like it), `needs_teacher`, `defaults` (the
-    hyperparameters with their CIFAR-100 defaults) and implement `compute`.
+    hyperparameters with their CIFAR-100 defaults), `temperature` (which of them softens
+    the teacher, if one does) and implement `compute`.
     """
 
     name: str = ""
@@ -16,6 +17,7 @@ class DistillLoss:
     needs_teacher: bool = True
     defaults: dict[str, float | int] = {}
     positive: tuple[str, ...] = ()  # hyperparameters that must be > 0 (temperatures, eps)
+    temperature: str | None = None  # the hyperparameter that softens the teacher, if any
 
     def __init__(self, **overrides):
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -36,6 +38,13 @@ class DistillLoss:
         for key in self.positive:
             if not self.params[key] > 0:
                 raise KdcacheError(f"loss '{self.name}': {key} must be > 0, got {self.params[key]}")
+
+    @property
+    def needs_full_distribution(self) -> bool:
+        """True when the loss softens the teacher at a temperature above 1: much of the
+        softened mass then lies outside the classes a top-k store keeps, and the loss's
+        gradients change (docs/store-format.md, "Top-k and the losses")."""
+        return self.temperature is not None and self.params[self.temperature] > 1
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

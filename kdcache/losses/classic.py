@@ -28,6 +28,7 @@ class KD(DistillLoss):
     name = "kd"
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9, "T": 4.0}
     positive = ("T",)
+    temperature = "T"
 
     def compute(self, zs, zt, labels, epoch):
         p = self.params
@@ -48,6 +49,7 @@ class DKD(DistillLoss):
     name = "dkd"
     defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20.0}
     positive = ("T", "warmup")
+    temperature = "T"
 
     def compute(self, zs, zt, labels, epoch):
         p = self.params
@@ -80,6 +82,7 @@ class DIST(DistillLoss):
     name = "dist"
     defaults = {"ce_weight": 1.0, "beta": 2.0, "gamma": 2.0, "tau": 4.0}
     positive = ("tau",)
+    temperature = "tau"
 
     def compute(self, zs, zt, labels, epoch):
         p = self.params

@@ -31,6 +31,7 @@ class CMKD(DistillLoss):
     defaults = {"ce_weight": 1.0, "lam": 2.0, "T": 4.0, "d_T": 1.0, "t2": "none", "eps": 0.1,
                 "rank_chunk": 128}
     positive = ("T", "d_T", "eps", "rank_chunk")
+    temperature = "T"
 
     def __init__(self, **overrides):
         super().__init__(**overrides)

@@ -18,6 +18,7 @@ class CRLD(DistillLoss):
     views = ("weak", "strong")
     defaults = {"w_ce": 1.0, "w_wv": 2.0, "w_cv": 0.5, "T": 4.0, "tau_w": 0.9, "tau_s": 0.2}
     positive = ("T",)
+    temperature = "T"
 
     def compute(self, zs, zt, labels, epoch):
         p = self.params

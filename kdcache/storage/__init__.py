@@ -2,10 +2,12 @@
 
 from kdcache.storage.encodings import (
     Encoding,
+    default_encoding,
     get_encoding,
     list_encodings,
     logit_errors,
     measure_encoding,
+    warn_if_loss_needs_full_logits,
 )
 from kdcache.storage.prefetch import SlabPrefetcher
 from kdcache.storage.store import STORE_FORMAT_VERSION, LogitStore, slab_path
@@ -15,9 +17,11 @@ __all__ = [
     "LogitStore",
     "STORE_FORMAT_VERSION",
     "SlabPrefetcher",
+    "default_encoding",
     "get_encoding",
     "list_encodings",
     "logit_errors",
     "measure_encoding",
     "slab_path",
+    "warn_if_loss_needs_full_logits",
 ]

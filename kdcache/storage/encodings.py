@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, warn_once
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 SAMPLE = "sample"  # the row dimension every array of a slab shares
@@ -147,6 +147,30 @@ class TopKEncoding(Encoding):
 
 
 DEFAULT_TOPK = 10  # what `topk` alone means
+# From this many classes on, precompute's default is top-k with this k: 92 B per view-sample
+# at C = 1000, 4.6% of dense float16 (docs/store-format.md, "Top-k and the losses").
+TOPK_FROM_CLASSES = 500
+TOPK_DEFAULT_K = 20
+
+
+def default_encoding(num_classes: int) -> str:
+    """The encoding precompute uses unless told: dense float16 below TOPK_FROM_CLASSES
+    classes, where a row costs at most 1 kB, else top-k, where dense rows dominate a store."""
+    return "float16" if num_classes < TOPK_FROM_CLASSES else f"topk:{TOPK_DEFAULT_K}"
+
+
+def warn_if_loss_needs_full_logits(loss, encoding: str) -> None:
+    """Warn once when `loss` (a `DistillLoss`) reads the teacher's distribution beyond its top
+    classes (`loss.needs_full_distribution`: softened at T > 1) but the store keeps only
+    the top k logits of each row."""
+    enc = get_encoding(encoding)
+    if isinstance(enc, TopKEncoding) and loss.needs_full_distribution:
+        warn_once(
+            f"loss '{loss.name}' softens the teacher ({loss.temperature}={loss.params[loss.temperature]:g}), "
+            f"which spreads its mass beyond the top {enc.k} logits this store keeps ({enc.name}) and changes "
+            f"the loss's gradients; use {loss.temperature}=1 or a float16 store "
+            "(docs/store-format.md, \"Top-k and the losses\")"
+        )
 
 
 def get_encoding(name: str) -> Encoding:
