@@ -21,7 +21,7 @@ from kdcache.models import create_model, file_sha256, load_teacher
 from kdcache.paths import stores_root
 from kdcache.recipes import Recipe
 from kdcache.replay import ViewReplayer, check_store, replayer_for
-from kdcache.storage import LogitStore
+from kdcache.storage import LogitStore, warn_if_loss_needs_full_logits
 from kdcache.teachers import CachedTeacher, OnlineTeacher
 
 
@@ -97,6 +97,8 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
         check_store(store, meta, views)
         if cfg.rounds is not None and not 1 <= cfg.rounds <= store.rounds:
             raise KdcacheError(f"--rounds must be between 1 and the store's {store.rounds} rounds, got {cfg.rounds}")
+        for loss in losses if cfg.teacher_mode == "cached" else ():
+            warn_if_loss_needs_full_logits(loss, store.encoding)
         info.update(store=str(Path(store.path).resolve()), store_rounds=cfg.rounds or store.rounds,
                     teacher=store.identity["teacher"], store_identity=store.identity, rounds=cfg.rounds)
     elif cfg.rounds is not None:

@@ -25,7 +25,7 @@ from kdcache.errors import KdcacheError, warn_once
 from kdcache.models import file_sha256, load_teacher
 from kdcache.paths import default_store_path
 from kdcache.replay import ViewReplayer, replayer_for
-from kdcache.storage import LogitStore, get_encoding, measure_encoding
+from kdcache.storage import LogitStore, default_encoding, get_encoding, measure_encoding
 from kdcache.storage.store import MAX_ROUNDS
 
 
@@ -37,7 +37,7 @@ class PrecomputeConfig:
     views: dict[str, str]  # slot -> policy name
     rounds: int
     out: Path | None = None  # None: the content-addressed default under KDCACHE_HOME
-    encoding: str = "float16"
+    encoding: str = "auto"  # auto: storage.default_encoding(num_classes)
     seed: int = 0
     batch_size: int | None = None  # None: 256 on CPU (larger batches measured 2x slower there), 1024 on CUDA
     precision: str = "auto"  # auto: bf16 on CUDA (float32 logits out), fp32 elsewhere
@@ -59,8 +59,13 @@ def store_identity(cfg: PrecomputeConfig, meta: DatasetMeta, ckpt_sha256: str) -
         "std": list(meta.std),
         "policies": replayer.slot_specs,
         "store_seed": cfg.seed,
-        "encoding": cfg.encoding,
+        "encoding": store_encoding(cfg, meta),
     }
+
+
+def store_encoding(cfg: PrecomputeConfig, meta: DatasetMeta) -> str:
+    """The encoding asked for; `auto` is float16 below 500 classes, else top-k (default_encoding)."""
+    return default_encoding(meta.num_classes) if cfg.encoding == "auto" else cfg.encoding
 
 
 def check_config(cfg: PrecomputeConfig) -> None:
@@ -78,7 +83,8 @@ def check_config(cfg: PrecomputeConfig) -> None:
         raise KdcacheError(f"--seed must be between 0 and 2^64-1 (view keys are 64-bit), got {cfg.seed}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise KdcacheError(f"--precision must be auto, fp32 or bf16, got '{cfg.precision}'")
-    get_encoding(cfg.encoding)
+    if cfg.encoding != "auto":
+        get_encoding(cfg.encoding)
 
 
 def run_precision(precision: str, device: torch.device) -> str:
@@ -110,7 +116,7 @@ def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
     if ctx.is_main:
         store = LogitStore.create(path, identity=identity, num_samples=meta.counts["train"],
                                   num_classes=meta.num_classes, rounds=cfg.rounds, views=list(cfg.views),
-                                  encoding=cfg.encoding, overwrite=cfg.overwrite)
+                                  encoding=identity["encoding"], overwrite=cfg.overwrite)
         if "teacher_test_top1" not in store.attrs:
             acc = evaluate(teacher, cfg.data_dir, meta, device, precision=precision)
             store.update_attrs({"teacher_test_top1": acc["top1"], "teacher_test_top5": acc["top5"]})

@@ -189,3 +189,14 @@ def test_the_stages_meet_only_in_the_store():
             "assert not bad, bad")
     for stage, forbidden in (("distill", ["kdcache.precompute"]), ("precompute", ["kdcache.engine", "kdcache.distill"])):
         subprocess.run([sys.executable, "-c", code.format(stage, forbidden)], check=True)
+
+
+def test_distill_warns_when_a_softened_loss_gets_a_top_k_store(digits_dir, teacher_ckpt, tmp_path, capsys, monkeypatch):
+    from kdcache.precompute import PrecomputeConfig, precompute
+
+    store = precompute(PrecomputeConfig(teacher="resnet8", ckpt=teacher_ckpt, data_dir=digits_dir,
+                                        views={"weak": "weak"}, rounds=1, out=tmp_path / "topk", encoding="topk:3",
+                                        device="cpu"), progress=False)
+    monkeypatch.setattr("kdcache.errors._warned", set())  # a warning earlier in this process would hide it
+    build_job(config(digits_dir, teacher_ckpt, store, tmp_path / "kd", "kd"))
+    assert "softens the teacher (T=4)" in capsys.readouterr().err

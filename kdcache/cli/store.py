@@ -25,7 +25,7 @@ def precompute_cmd(
     views: Annotated[str, typer.Option("--views", help="View slots, comma-separated; slot=policy to choose the policy (e.g. weak=imagenet_weak).")] = "weak,strong",
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds (one per student epoch; students cycle when they train longer).")] = 240,
     out: Annotated[Optional[Path], typer.Option("--out", help="Store path (default: content-addressed under $KDCACHE_HOME/stores, where distill finds it).")] = None,
-    encoding: Annotated[str, typer.Option("--encoding", help=f"Logit encoding: {', '.join(list_encodings())}.")] = "float16",
+    encoding: Annotated[str, typer.Option("--encoding", help=f"Logit encoding: auto (float16 below 500 classes, topk:20 from 500; see docs/store-format.md), {', '.join(list_encodings())}.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Store seed: the first part of every view key.")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Teacher batch size (default: 256 on CPU, 1024 on CUDA).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16 (CUDA); logits are stored from float32 either way.")] = "auto",
