@@ -9,7 +9,7 @@ both, whatever the batch it arrives in.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,10 @@ from kdcache.augment import ViewPolicy, get_policy, normalize, policy_from_spec
 from kdcache.augment.policies import channel_constants
 from kdcache.augment.seeds import key_prefix, seeds_from_prefix
 from kdcache.errors import KdcacheError
+
+if TYPE_CHECKING:  # annotations only: the replayer needs neither package at run time
+    from kdcache.data import DatasetMeta
+    from kdcache.storage import LogitStore
 
 DEFAULT_VIEWS = {"weak": "weak", "strong": "strong"}
 

@@ -12,7 +12,6 @@ import pickle
 import random
 import subprocess
 import sys
-import textwrap
 import types
 import zipfile
 from pathlib import Path
