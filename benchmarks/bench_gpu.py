@@ -27,39 +27,19 @@ from pathlib import Path
 import torch
 
 import kdcache
-from kdcache.bench import BenchConfig, _take, count_step_syncs, device_name, make_synthetic_dataset
+from kdcache.bench import BenchConfig, device_name, make_synthetic_dataset, time_steps
 from kdcache.data import make_loader
 from kdcache.distill import DistillConfig, build_jobs
-from kdcache.engine import Trainee, replay_function, train_batch
+from kdcache.engine import Trainee, compiled, replay_views
 from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
 from kdcache.precompute import PrecomputeConfig, compute_slab, run_precision, store_identity
 from kdcache.recipes import make_recipe
 from kdcache.replay import replayer_for
-from kdcache.runtime import DistContext, autocast, pick_device, prepare_model, synchronize, to_model_input
+from kdcache.runtime import DistContext, autocast, pick_device, prepare_model, to_model_input
 from kdcache.storage import LogitStore
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"
 MODES = [("ce", "cached"), ("crld", "cached"), ("crld", "online")]  # ce ignores the teacher
-
-
-def time_steps(trainees, loader, steps: int, warmup: int, replay, device) -> tuple[float, int | None]:
-    """Seconds for `steps` steps of `trainees` after `warmup` (compilation included there),
-    and the host syncs of one step (counted for a single trainee)."""
-    teacher = trainees[0].job.teacher
-    round_ = teacher.begin_epoch(0) if teacher is not None else 0
-    for t in trainees:
-        t.begin_epoch(0)
-    batches = _take(loader, warmup + steps)
-    for batch in batches[:warmup]:
-        train_batch(trainees, round_, *batch, 0, replay)
-    synchronize(device)
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        train_batch(trainees, round_, *batch, 0, replay)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    syncs = count_step_syncs(trainees[0], round_, batches[0]) if len(trainees) == 1 else None
-    return elapsed, syncs
 
 
 def jobs_for(data_dir, store, ckpt, device, loss, mode, batch_size, compile_mode, students=1, out=Path("unused")):
@@ -72,13 +52,13 @@ def jobs_for(data_dir, store, ckpt, device, loss, mode, batch_size, compile_mode
 def bench_training(args, data_dir, store, ckpt, device, echo) -> list[dict]:
     rows = []
     for compile_mode in args.compile_modes:
-        replay = replay_function(compile_mode)
+        replay = compiled(replay_views, compile_mode)
         for batch_size in args.batch_sizes:
             loader = make_loader(data_dir, "train", batch_size, shuffle=True, device=device, drop_last=True)
             for loss, mode in MODES:
                 jobs = jobs_for(data_dir, store, ckpt, device, loss, mode, batch_size, compile_mode)
                 elapsed, syncs = time_steps([Trainee(jobs[0], DistContext())], loader, args.steps, args.warmup,
-                                            replay, device)
+                                            replay)
                 views = len(jobs[0].loss.views)
                 row = {"loss": loss, "mode": mode if loss != "ce" else "none", "batch_size": batch_size,
                        "compile": compile_mode, "steps_per_s": args.steps / elapsed,
@@ -94,12 +74,11 @@ def bench_training(args, data_dir, store, ckpt, device, echo) -> list[dict]:
 def bench_students_per_pass(args, data_dir, store, ckpt, device, echo) -> list[dict]:
     rows = []
     compile_mode = args.compile_modes[-1]
-    replay = replay_function(compile_mode)
+    replay = compiled(replay_views, compile_mode)
     loader = make_loader(data_dir, "train", args.batch_sizes[0], shuffle=True, device=device, drop_last=True)
     for students in (1, 2, 4):
         jobs = jobs_for(data_dir, store, ckpt, device, "crld", "cached", args.batch_sizes[0], compile_mode, students)
-        elapsed, _ = time_steps([Trainee(job, DistContext()) for job in jobs], loader, args.steps, args.warmup, replay,
-                                device)
+        elapsed, _ = time_steps([Trainee(job, DistContext()) for job in jobs], loader, args.steps, args.warmup, replay)
         rate = students * args.steps * args.batch_sizes[0] / elapsed
         echo(f"{students} student(s) per pass ({compile_mode}): {rate:.0f} img/s together")
         rows.append({"students": students, "compile": compile_mode, "images_per_s": rate})

@@ -25,7 +25,7 @@ from kdcache.augment import normalize
 from kdcache.data import DatasetMeta, make_loader, prepare_dataset
 from kdcache.distill import DistillConfig, build_job
 from kdcache.augment.census import OpCensus
-from kdcache.engine import Trainee, train_batch
+from kdcache.engine import Trainee, replay_views, shared_teacher, train_batch
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
 from kdcache.outputs import write_text_atomic
@@ -175,20 +175,8 @@ def _bench_training(cfg: BenchConfig, meta, data_dir, ckpt, store_path, device, 
                                       recipe=recipe, store=store_path if mode != "none" else None,
                                       teacher_mode=mode if mode != "none" else "cached", teacher=cfg.teacher,
                                       ckpt=ckpt, device=str(device), show_progress=False))
-        trainee = Trainee(job, DistContext())
-        round_ = job.teacher.begin_epoch(0) if job.teacher is not None else 0
-        trainee.begin_epoch(0)
         loader = make_loader(data_dir, "train", cfg.batch_size, shuffle=True, device=device, drop_last=True)
-        batches = _take(loader, cfg.warmup + cfg.steps)
-        for images, labels, indices in batches[:cfg.warmup]:
-            train_batch([trainee], round_, images, labels, indices, 0)
-        synchronize(device)
-        start = time.perf_counter()
-        for images, labels, indices in batches[cfg.warmup:]:
-            train_batch([trainee], round_, images, labels, indices, 0)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        syncs = count_step_syncs(trainee, round_, batches[0])
+        elapsed, syncs = time_steps([Trainee(job, DistContext())], loader, cfg.steps, cfg.warmup)
         if job.teacher is not None:
             job.teacher.close()
         row = {"loss": loss, "mode": mode, "views": len(job.loss.views), "steps_per_s": cfg.steps / elapsed,
@@ -196,6 +184,26 @@ def _bench_training(cfg: BenchConfig, meta, data_dir, ckpt, store_path, device, 
         echo(f"{loss:>4} {mode:<6} {row['steps_per_s']:.3f} steps/s, {syncs} host syncs per step")
         rows.append(row)
     return rows
+
+
+def time_steps(trainees: list[Trainee], loader, steps: int, warmup: int, replay=replay_views) -> tuple[float, int | None]:
+    """Seconds for `steps` steps of `trainees` (one pass) at epoch 0 after `warmup` steps
+    (compilation included there), and the host syncs of one step (counted for a single trainee)."""
+    teacher = shared_teacher(trainees)
+    round_ = teacher.begin_epoch(0) if teacher is not None else 0
+    for t in trainees:
+        t.begin_epoch(0)
+    batches = _take(loader, warmup + steps)
+    device = trainees[0].job.device
+    for batch in batches[:warmup]:
+        train_batch(trainees, round_, *batch, 0, replay)
+    synchronize(device)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        train_batch(trainees, round_, *batch, 0, replay)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return elapsed, count_step_syncs(trainees[0], round_, batches[0]) if len(trainees) == 1 else None
 
 
 def count_step_syncs(trainee: Trainee, round_: int, batch) -> int:

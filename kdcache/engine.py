@@ -86,10 +86,13 @@ def replay_views(replayer: ViewReplayer, slot: str, prefix: torch.Tensor, images
     return to_model_input(replayer.views(slot, prefix, images, indices))
 
 
-def replay_function(compile_mode: str):
-    """`replay_views`, compiled unless --compile is off (one graph serves every round and batch)."""
+def compiled(fn, compile_mode: str):
+    """`fn` under torch.compile in the --compile mode, or `fn` itself when it is off.
+
+    The step's two parts go through it: `replay_views` (one graph serves every round and
+    batch) and `forward_loss` (its backward compiled with it by AOTAutograd)."""
     mode = COMPILE_MODES[compile_mode]
-    return replay_views if mode is None else torch.compile(replay_views, mode=mode)
+    return fn if mode is None else torch.compile(fn, mode=mode)
 
 
 class Trainee:
@@ -104,8 +107,7 @@ class Trainee:
         if ctx.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[job.device.index] if job.device.type == "cuda" else None)
-        mode = COMPILE_MODES[job.compile]
-        self.forward = forward_loss if mode is None else torch.compile(forward_loss, mode=mode)
+        self.forward = compiled(forward_loss, job.compile)
         self.start_epoch, self.best_top1, self.history = 0, -1.0, []
         self.sums: torch.Tensor | None = None
         self.part_names: tuple[str, ...] = ()
@@ -241,8 +243,8 @@ def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
     first = trainees[0].job
     recipe, device, teacher = first.recipe, first.device, shared_teacher(trainees)
     show = first.show_progress and ctx.is_main
-    replay = replay_function(first.compile)
-    compile_pending = first.compile != "off"
+    replay = compiled(replay_views, first.compile)
+    compile_pending = show and first.compile != "off"  # stated in the log, so timed only when shown
     for epoch in range(min(t.start_epoch for t in trainees), recipe.epochs):
         active = [t for t in trainees if t.start_epoch <= epoch]
         round_ = teacher.begin_epoch(epoch) if teacher is not None else epoch
@@ -256,8 +258,7 @@ def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
             if compile_pending:  # the one sync of a compiled run, to time the compilation
                 synchronize(device)
                 compile_pending = False
-                if show:
-                    tqdm.write(f"compiled the training step in {time.perf_counter() - start:.1f}s (first step)")
+                tqdm.write(f"compiled the training step in {time.perf_counter() - start:.1f}s (first step)")
             if show and time.perf_counter() - last_read >= PROGRESS_READ_S:
                 last_read = time.perf_counter()
                 bar.set_postfix_str(_progress_text(active, epoch, batch, recipe.batch_size,
