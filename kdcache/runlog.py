@@ -22,6 +22,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import google_crc32c
+
 from kdcache.errors import KdcacheError
 from kdcache.outputs import remove_stale_temporaries, write_atomic, write_text_atomic
 
@@ -134,23 +136,9 @@ def _scalars_event(record: Mapping[str, float]) -> bytes:
     return _event(int(record["epoch"]), _length_delimited(5, summary))
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        for _ in range(8):
-            n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1  # the Castagnoli polynomial, reflected
-        table.append(n)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
 def _masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
+    """TFRecord's masked CRC-32C (the store's chunk checksum, from the same library)."""
+    crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
