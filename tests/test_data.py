@@ -405,3 +405,37 @@ def test_cli_prepare_and_info(tmp_path):
     assert f"fingerprint {meta.fingerprint[:12]}" in result.output and "train 20, test 8" in result.output
     info = runner.invoke(data_app, ["info", str(tmp_path / "o")])
     assert info.exit_code == 0 and '"image_shape": [\n    3,\n    10,\n    10\n  ]' in info.output
+
+
+def test_jpeg_beton_of_own_sized_images_keeps_each_size(tmp_path):
+    """The contract of own-size data: the beton records each image's size, meta.json says
+    [3, None, None], and both refuse what would mix the two kinds of data."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from kdcache.data.beton import BetonFile
+
+    rng = np.random.default_rng(0)
+    sizes = [(20, 31), (40, 17), (33, 33)]
+    samples = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), i % 2, i) for i, (h, w) in enumerate(sizes)]
+    path = tmp_path / "train.beton"
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="jpg"), "label": IntField(), "index": IntField()},
+                  num_workers=1).from_indexed_dataset(samples)
+    beton = BetonFile(path)
+    assert beton.own_size and beton.height is None and not beton.is_raw
+    assert beton.heights.tolist() == [20, 40, 33] and beton.widths.tolist() == [31, 17, 33]
+    assert len(beton.content_check()) == 64
+
+    meta = DatasetMeta(name="x", num_classes=2, class_names=["a", "b"], image_shape=[3, None, None],
+                       counts={"train": 3, "test": 3}, mean=[0.5] * 3, std=[0.2] * 3, fingerprint="f",
+                       source="s", preprocessing="none", image_encoding="jpeg", kdcache_version="0")
+    meta.save(tmp_path)
+    assert DatasetMeta.load(tmp_path).own_size
+    meta.image_encoding = "raw"
+    meta.save(tmp_path)
+    with pytest.raises(KdcacheError, match="own sizes must be stored as JPEG"):
+        DatasetMeta.load(tmp_path)
+    meta.image_shape = [3, None, 5]
+    meta.save(tmp_path)
+    with pytest.raises(KdcacheError, match="image_shape must be"):
+        DatasetMeta.load(tmp_path)

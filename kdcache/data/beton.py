@@ -93,17 +93,24 @@ class BetonFile:
         self.image_meta = meta["f0"]
         self.labels = meta["f1"].astype(np.int64)
         self.indices = meta["f2"].astype(np.int64)
-        if self.num_samples == 0 or len(np.unique(self.image_meta[["width", "height"]])) != 1:
-            self._corrupt("image sizes")
-        self.height, self.width = int(self.image_meta["height"][0]), int(self.image_meta["width"][0])
         self.is_raw = bool(np.all(self.image_meta["mode"] == MODE_RAW))
+        self.heights = self.image_meta["height"].astype(np.int64)
+        self.widths = self.image_meta["width"].astype(np.int64)
+        one_size = len(np.unique(self.image_meta[["width", "height"]])) == 1
+        if self.num_samples == 0 or np.any(self.heights == 0) or np.any(self.widths == 0) or \
+                (self.is_raw and not one_size):
+            self._corrupt("image sizes")
+        # JPEG betons may keep each image at its own size (`own_size`); then height/width are None.
+        self.own_size = not one_size
+        self.height = None if self.own_size else int(self.heights[0])
+        self.width = None if self.own_size else int(self.widths[0])
 
     def content_check(self) -> str:
         """A cheap hash of what the file holds: sizes, every label and index, the image
         metadata, and the stored bytes of CHECKED_IMAGES images spread over the file.
         meta.json records it at prepare time, so betons swapped under a copied meta.json
         (whose fingerprint would then vouch for other pixels) are refused on load."""
-        h = hashlib.sha256(np.array([self.num_samples, self.height, self.width], dtype="<u8").tobytes())
+        h = hashlib.sha256(np.array([self.num_samples, self.height or 0, self.width or 0], dtype="<u8").tobytes())
         h.update(self.labels.astype("<i8").tobytes())
         h.update(self.indices.astype("<i8").tobytes())
         h.update(np.ascontiguousarray(self.image_meta).tobytes())

@@ -25,7 +25,7 @@ class DatasetMeta:
     name: str
     num_classes: int
     class_names: list[str]
-    image_shape: list[int]  # [3, H, W]
+    image_shape: list  # [3, H, W]; [3, None, None] when JPEG images keep their own sizes
     counts: dict[str, int]  # {"train": N, "test": M}
     mean: list[float]  # per channel, 0..1 scale, train split
     std: list[float]
@@ -36,6 +36,12 @@ class DatasetMeta:
     kdcache_version: str
     # split -> BetonFile.content_check() of its beton; {} in datasets written by kdcache 0.1
     split_checks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def own_size(self) -> bool:
+        """True when images keep their own sizes (JPEG betons of e.g. ImageNet): views are
+        then cut at decode time, and `image_shape` is [3, None, None]."""
+        return self.image_shape[1] is None
 
     def save(self, directory: Path) -> None:
         (Path(directory) / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -63,6 +69,12 @@ class DatasetMeta:
         def bad(what: str):
             raise KdcacheError(f"{path}: {what}; re-run `kdcache data prepare --overwrite`")
 
+        shape = self.image_shape
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and
+                (shape[1:] == [None, None] or all(isinstance(v, int) and v > 0 for v in shape[1:]))):
+            bad(f"image_shape must be [3, H, W] or [3, null, null], got {shape!r}")
+        if self.own_size and self.image_encoding != "jpeg":
+            bad("images of their own sizes must be stored as JPEG")
         numbers = [*self.mean, *self.std]
         if len(self.mean) != 3 or len(self.std) != 3 or not all(isinstance(v, (int, float)) for v in numbers):
             bad(f"mean and std must be 3 numbers each, got {self.mean} and {self.std}")
