@@ -19,8 +19,10 @@ def prepare(
     source: str = typer.Argument(..., help=f"Dataset source: {', '.join(list_sources())}."),
     out: Path = typer.Option(..., "--out", help="Output directory (train.beton, test.beton, meta.json)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Source files: a directory, or the .npz file for npz."),
-    size: Optional[int] = typer.Option(None, "--size", help="Square size: smaller images are zero-padded (centred), larger ones resized + centre-cropped."),
-    jpeg: bool = typer.Option(False, "--jpeg", help="Store images JPEG-encoded (for large images) instead of raw."),
+    size: Optional[int] = typer.Option(None, "--size", help="Square size: smaller images are zero-padded (centred), larger ones resized + centre-cropped. Without it, imagefolder keeps each image's own size."),
+    jpeg: Optional[bool] = typer.Option(None, "--jpeg/--raw", help="Store images JPEG-encoded (quality 90) or raw. Default: JPEG for imagefolder without --size, raw otherwise.", show_default=False),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="imagefolder/tiny-imagenet without --size: shrink images whose longer side exceeds N to N (aspect kept), like FFCV's max_resolution."),
+    normalization: Optional[str] = typer.Option(None, "--normalization", help="Mean/std to record: 'dataset' (the train split's) or 'imagenet' (torchvision's). Default: the source's published values (CIFAR: the zoos', imagefolder: imagenet, tiny-imagenet: mdistiller's), else dataset."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Keep only the first N training samples."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Keep only the first N test samples."),
@@ -28,13 +30,16 @@ def prepare(
     """Write a dataset as FFCV betons with fields image, label, index.
 
     Example: kdcache data prepare fashion-mnist --out data/fmnist --size 32
+
+    Example: kdcache data prepare imagefolder --root ~/datasets/imagenet --out data/imagenet --max-side 512
     """
     start = time.perf_counter()
-    meta = prepare_dataset(source, out, root=root, size=size, jpeg=jpeg, overwrite=overwrite,
-                           max_train=max_train, max_test=max_test)
+    meta = prepare_dataset(source, out, root=root, size=size, jpeg=jpeg, max_side=max_side,
+                           normalization=normalization, overwrite=overwrite, max_train=max_train, max_test=max_test)
+    shape = "3 x own size" if meta.own_size else "x".join(map(str, meta.image_shape))
     typer.echo(
         f"{meta.name}: train {meta.counts['train']}, test {meta.counts['test']}, "
-        f"image {'x'.join(map(str, meta.image_shape))} {meta.image_encoding}, {meta.num_classes} classes, "
+        f"image {shape} {meta.image_encoding}, {meta.num_classes} classes, "
         f"fingerprint {meta.fingerprint[:12]}, {time.perf_counter() - start:.1f} s -> {out}"
     )
 

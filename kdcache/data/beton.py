@@ -40,18 +40,25 @@ IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("d
 SAMPLE_META = np.dtype([("", IMAGE_META), ("", "<i8"), ("", "<i8")], align=True)
 
 
-def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, *, jpeg: bool, num_workers: int) -> None:
-    """Writes images [N,H,W,3] uint8 with labels and their index (0..N-1) to `path`."""
+JPEG_QUALITY = 90
+
+
+def write_beton(path: Path, samples, *, jpeg: bool, num_workers: int, page_size: int = PAGE_SIZE,
+                chunksize: int = 1000) -> None:
+    """Writes `samples` (indexable, len N, item i = (uint8 HWC RGB image, label, i)) to `path`.
+    ffcv's workers call `samples[i]` themselves, so images may be loaded one at a time there;
+    a worker that raises leaves ffcv's writer waiting forever, so `samples` must not raise.
+    Every stored image must fit in one page of `page_size` bytes."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=90),
+    fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=JPEG_QUALITY),
               "label": IntField(), "index": IntField()}
-    writer = DatasetWriter(str(path), fields, page_size=PAGE_SIZE, num_workers=num_workers)
-    writer.from_indexed_dataset(_Samples(images, labels), chunksize=1000)
+    writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
+    writer.from_indexed_dataset(samples, chunksize=chunksize)
 
 
-class _Samples:
+class ArraySamples:
     """Indexable (image, label, index) view of the arrays, read by ffcv's forked writer workers."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
@@ -122,6 +129,22 @@ class BetonFile:
                 f.seek(ptr)
                 h.update(f.read(size))
         return h.hexdigest()
+
+    def stored_images(self, progress: str | None = None):
+        """Yields every image's stored bytes (raw pixels HWC, or a JPEG file) in index order,
+        one at a time: for raw betons, together exactly the uint8 [N,H,W,3] array's bytes."""
+        from tqdm import tqdm
+
+        ptrs = self.image_meta["data_ptr"].astype(np.int64)
+        sizes = self._allocation_sizes(ptrs)
+        with open(self.path, "rb") as f, tqdm(total=self.num_samples, desc=progress, disable=progress is None,
+                                              unit="img", leave=False) as bar:
+            for start in range(0, self.num_samples, 65536):  # Python ints for one block at a time
+                block = slice(start, start + 65536)
+                for ptr, size in zip(ptrs[block].tolist(), sizes[block].tolist()):
+                    f.seek(ptr)
+                    yield f.read(size)
+                bar.update(len(ptrs[block]))
 
     def _allocation_sizes(self, ptrs: np.ndarray) -> np.ndarray:
         """Bytes stored at each data pointer, from the allocation table."""

@@ -109,3 +109,15 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return [float(m) / 255 for m in mean], [float(s) / 255 for s in std]
+
+
+def histogram_stats(counts: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale from [3, 256] value counts (what the
+    streamed prepare sums), in exact integer arithmetic up to the final division."""
+    values = np.arange(256, dtype=np.int64)
+    mean, std = [], []
+    for c in counts.astype(np.int64):
+        n, s1, s2 = int(c.sum()), int(c @ values), int(c @ (values * values))
+        mean.append(s1 / n / 255)
+        std.append(math.sqrt(n * s2 - s1 * s1) / n / 255)
+    return mean, std

@@ -1,14 +1,19 @@
-"""Dataset sources: read a dataset in its native layout into uint8 arrays.
+"""Dataset sources: read a dataset in its native layout.
 
-Every source returns a `RawDataset`: train and test splits as uint8 images
-[N, H, W, C] (C is 1 or 3, as stored by the source) with int64 labels, plus the class
-names. Channel expansion and resizing to a common size happen later, in one place
-(`kdcache.data.prepare`), so each source only has to parse its format.
+Array sources (CIFAR, idx, digits, npz) return a `RawDataset`: train and test splits as
+uint8 images [N, H, W, C] (C is 1 or 3, as stored by the source) with int64 labels, plus
+the class names. Channel expansion and resizing to a common size happen later, in one
+place (`kdcache.data.prepare`), so each source only has to parse its format.
+
+Folder sources (imagefolder, tiny-imagenet) return a `FileDataset`: the image files'
+paths and labels only, so that `prepare` can stream them (decode, write, forget) with
+memory that does not grow with the pixels.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,9 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# torchvision's ImageFolder extensions (IMG_EXTENSIONS), matched case-insensitively like it;
+# other files (notes, Tiny-ImageNet's *_boxes.txt) are skipped.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -44,6 +51,27 @@ class RawDataset:
     normalization: tuple[list[float], list[float]] | None = None
 
 
+@dataclass
+class FileSplit:
+    paths: np.ndarray  # file paths as bytes (numpy "S": no per-path Python object to copy into workers)
+    labels: np.ndarray  # int64 [N]
+
+
+@dataclass
+class FileDataset:
+    train: FileSplit
+    test: FileSplit
+    class_names: list[str]
+    root: str
+    normalization: tuple[list[float], list[float]] | None = None  # as in RawDataset
+    own_size: bool = True  # images may differ in size: stored as JPEG at their own size by default
+
+
+# torchvision's published ImageNet statistics: what torchvision's and timm's ImageNet teachers expect.
+IMAGENET_NORMALIZATION = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+# mdistiller's Tiny-ImageNet transforms (mdistiller/dataset/tiny_imagenet.py).
+TINY_IMAGENET_NORMALIZATION = ([0.4802, 0.4481, 0.3975], [0.2302, 0.2265, 0.2262])
+
 # CIFAR-100: RepDistiller's and mdistiller's (CRLD's) transforms. CIFAR-10: neither zoo has
 # CIFAR-10; forks of mdistiller disagree, so we take the training set's own statistics as
 # usually published, which those forks that do not reuse the CIFAR-100 values use.
@@ -51,7 +79,7 @@ CIFAR100_NORMALIZATION = ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
 CIFAR10_NORMALIZATION = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
 
 
-SourceFn = Callable[["Path | None", "int | None"], RawDataset]
+SourceFn = Callable[["Path | None", "int | None"], "RawDataset | FileDataset"]
 SOURCES: dict[str, SourceFn] = {}
 
 
@@ -67,13 +95,14 @@ def list_sources() -> list[str]:
     return sorted(SOURCES)
 
 
-def read_source(name: str, root: Path | None, size: int | None) -> RawDataset:
+def read_source(name: str, root: Path | None, size: int | None) -> RawDataset | FileDataset:
     """Reads source `name` from `root`; `size` is only used by sources that must decode to a size."""
     if name not in SOURCES:
         raise KdcacheError(f"unknown dataset source {name!r}; choose one of: {', '.join(list_sources())}")
     data = SOURCES[name](root, size)
-    for split_name, split in (("train", data.train), ("test", data.test)):
-        _check_split(name, split_name, split, len(data.class_names))
+    if isinstance(data, RawDataset):
+        for split_name, split in (("train", data.train), ("test", data.test)):
+            _check_split(name, split_name, split, len(data.class_names))
     return data
 
 
@@ -214,44 +243,102 @@ def mnist(root: Path | None, size: int | None) -> RawDataset:
     return _idx_dataset("mnist", root, [str(i) for i in range(10)])
 
 
-# ---------------------------------------------------------------- ImageFolder
+# ---------------------------------------------------------------- image folders
 
-def _folder_split(split_dir: Path, class_names: list[str], size: int) -> Split:
-    from kdcache.data.transform import load_image
+def image_files(directory: Path) -> list[str]:
+    """Image files under `directory`, recursively, in torchvision ImageFolder's order
+    (sorted os.walk, then sorted names), so sample indices match torchvision's."""
+    return [os.path.join(d, f) for d, _, names in sorted(os.walk(directory, followlinks=True))
+            for f in sorted(names) if f.lower().endswith(IMAGE_SUFFIXES)]
 
-    images, labels = [], []
+
+def _file_split(files: list[tuple[str, int]]) -> FileSplit:
+    paths = np.array([os.fsencode(f) for f, _ in files], dtype=np.bytes_)
+    return FileSplit(paths, np.array([label for _, label in files], dtype=np.int64))
+
+
+def _class_folders(split_dir: Path, class_names: list[str], every_class: bool) -> FileSplit:
+    """split_dir/<class>/**/<image> for each class; with `every_class`, a class folder
+    without images is an error (it could never be learned)."""
+    files = []
     for label, cls in enumerate(class_names):
-        cls_dir = split_dir / cls
-        if not cls_dir.is_dir():
-            continue
-        for f in sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            images.append(load_image(f, size))
-            labels.append(label)
-    if not images:
-        raise KdcacheError(f"no .jpg/.jpeg/.png images under {split_dir}/<class>/")
-    return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
+        found = image_files(split_dir / cls)
+        if not found and every_class:
+            raise KdcacheError(f"{split_dir / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                               "add images or remove the folder")
+        files += [(f, label) for f in found]
+    if not files:
+        raise KdcacheError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {split_dir}/<class>/")
+    return _file_split(files)
+
+
+def _subfolders(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_dir())
 
 
 @register("imagefolder")
-def imagefolder(root: Path | None, size: int | None) -> RawDataset:
-    """root/train/<class>/*.{jpg,png} and root/val (or root/test)/<class>/...; classes sorted by name.
-
-    Images are decoded to RGB and resized (shorter side) then center-cropped to --size,
-    which is required because the source images differ in size.
+def imagefolder(root: Path | None, size: int | None) -> FileDataset:
+    """root/train/<class>/**/*.jpg (and torchvision's other image extensions) and
+    root/val (or root/test)/<class>/...: torchvision ImageFolder's layout, class order
+    (sorted folder names) and file order. Images keep their own sizes unless --size.
+    Default mean/std: torchvision's ImageNet values, which its and timm's teachers expect.
     """
     root = _require_root("imagefolder", root)
-    if size is None:
-        raise KdcacheError("imagefolder needs --size N: images are resized and center-cropped to N x N")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise KdcacheError(f"imagefolder expects {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
-    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(class_names))
+    class_names = _subfolders(train_dir)
+    if len(class_names) < 2:
+        raise KdcacheError(f"{train_dir} needs one folder per class (at least 2), found {len(class_names)}")
+    extra = sorted(set(_subfolders(test_dir)) - set(class_names))
     if extra:
         raise KdcacheError(f"{test_dir} has classes missing from {train_dir}: {', '.join(extra[:5])}")
-    return RawDataset(_folder_split(train_dir, class_names, size), _folder_split(test_dir, class_names, size),
-                      class_names, str(root), f"decode RGB, resize shorter side + centre-crop to {size}x{size}")
+    return FileDataset(_class_folders(train_dir, class_names, every_class=True),
+                       _class_folders(test_dir, class_names, every_class=False),
+                       class_names, str(root), IMAGENET_NORMALIZATION)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise KdcacheError(f"missing file {path}; --root must be the extracted tiny-imagenet-200 folder") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise KdcacheError(f"cannot read {path} ({err}); extract tiny-imagenet-200.zip again") from None
+
+
+@register("tiny-imagenet")
+def tiny_imagenet(root: Path | None, size: int | None) -> FileDataset:
+    """Tiny-ImageNet-200 as released: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG
+    labelled by val/val_annotations.txt (file, wnid, box, tab-separated), words.txt (optional)
+    naming classes. Classes are the wnids sorted, as torchvision's ImageFolder (which mdistiller
+    uses) orders them; train files in ImageFolder's order; val sorted by (class, file name), the
+    order ImageFolder gives the val/<wnid>/ folders mdistiller's setup makes. The test split is
+    val (the released test images have no labels). Default mean/std: mdistiller's.
+    """
+    root = _require_root("tiny-imagenet", root)
+    wnids = sorted(set(_lines(root / "wnids.txt")))
+    if len(wnids) < 2:
+        raise KdcacheError(f"{root / 'wnids.txt'} lists {len(wnids)} class(es); it needs one wnid per line")
+    label_of = {w: i for i, w in enumerate(wnids)}
+    train = _class_folders(root / "train", wnids, every_class=True)
+    images = root / "val" / "images"
+    val = []
+    for n, line in enumerate(_lines(root / "val" / "val_annotations.txt"), 1):
+        name, wnid = (line.split("\t") + [""])[:2]
+        if wnid not in label_of:
+            raise KdcacheError(f"{root / 'val' / 'val_annotations.txt'} line {n}: {wnid!r} is not in wnids.txt")
+        if not (images / name).is_file():
+            raise KdcacheError(f"missing file {images / name} (listed in val_annotations.txt line {n})")
+        val.append((label_of[wnid], name))
+    if not val:
+        raise KdcacheError(f"{root / 'val' / 'val_annotations.txt'} lists no images")
+    val = _file_split([(str(images / name), label) for label, name in sorted(val)])
+    words = dict(line.split("\t", 1) for line in _lines(root / "words.txt") if "\t" in line) \
+        if (root / "words.txt").is_file() else {}
+    return FileDataset(train, val, [words.get(w, w) for w in wnids], str(root), TINY_IMAGENET_NORMALIZATION,
+                       own_size=False)
 
 
 # ---------------------------------------------------------------- scikit-learn digits

@@ -1,11 +1,18 @@
 """Bringing source images to the stored form: 3 channels, an optional square target size.
 
-The rule (recorded in meta.json as `preprocessing`):
+The rule for arrays (recorded in meta.json as `preprocessing`):
 - grayscale (1 channel) is repeated to 3 identical channels;
 - with `size`, an image no larger than size x size is zero-padded, centred, to size x size
   (top/left padding = (size - h) // 2, the rest at the bottom/right; Fashion-MNIST 28 -> 32
   puts 2 zero rows/columns on each side); a larger image is resized so its shorter side is
   `size` (PIL bicubic) and then centre-cropped to size x size.
+
+Image files (`load_image`) are decoded with Pillow to RGB the way torchvision's loader
+does (`convert("RGB")`: gray repeated, CMYK converted), except that images with
+transparency are composited over black first (what `convert` drops is arbitrary colour
+under alpha 0). Then either `size` (shorter side + centre crop, as above) or `max_side`
+(only images whose longer side exceeds it are shrunk, aspect kept, with OpenCV's
+INTER_AREA as FFCV's `max_resolution` does) applies.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kdcache.errors import KdcacheError
 
@@ -56,10 +63,39 @@ def fit_to_size(images: np.ndarray, size: int | None) -> tuple[np.ndarray, str]:
     return images, ", ".join(steps) or "none"
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decodes one image file to RGB and resizes/crops it to size x size (ImageFolder source)."""
+def decode_rgb(path: str | Path) -> np.ndarray:
+    """One image file as uint8 HWC RGB (see the module docstring), or a one-line error naming it."""
     try:
         with Image.open(path) as im:
-            return resize_crop(im, size)
-    except (OSError, ValueError) as err:
-        raise KdcacheError(f"cannot decode image {path} ({err}); remove or replace the file") from None
+            if "A" in im.getbands() or "transparency" in im.info:
+                black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(black, im.convert("RGBA"))
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise KdcacheError(f"missing file {path}; it was listed but has gone; re-run on a stable folder") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # UnidentifiedImageError (an OSError) has a message naming a stream, not the cause.
+        reason = "not an image format Pillow reads" if isinstance(err, UnidentifiedImageError) else str(err) or type(err).__name__
+        raise KdcacheError(f"{path} is not a readable image ({reason}); remove or replace it") from None
+
+
+def cap_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrinks an image whose longer side exceeds `max_side` to exactly that side, the other
+    rounded (at least 1), with INTER_AREA; smaller images are returned unchanged."""
+    import cv2  # comes with ffcv, which writing needs anyway; reading machines may lack it
+
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def load_image(path: str | Path, size: int | None, max_side: int | None) -> np.ndarray:
+    """Decodes one image file to the stored uint8 HWC RGB pixels: `size` x `size` (shorter
+    side + centre crop), or its own size capped at `max_side`, or its own size."""
+    image = decode_rgb(path)
+    if size is not None:
+        return resize_crop(Image.fromarray(image), size)
+    return cap_side(image, max_side) if max_side is not None else image
