@@ -19,7 +19,7 @@ def prepare(
     source: str = typer.Argument(..., help=f"Dataset source: {', '.join(list_sources())}."),
     out: Path = typer.Option(..., "--out", help="Output directory (train.beton, test.beton, meta.json)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Source files: a directory, or the .npz file for npz."),
-    size: Optional[int] = typer.Option(None, "--size", help="Square size: smaller images are zero-padded (centred), larger ones resized + centre-cropped. Without it, imagefolder keeps each image's own size."),
+    size: Optional[int] = typer.Option(None, "--size", help="Square size. Arrays: smaller images are zero-padded (centred), larger ones resized + centre-cropped. Image folders: shorter side resized to N, then centre-cropped; without --size they keep each image's own size."),
     jpeg: Optional[bool] = typer.Option(None, "--jpeg/--raw", help="Store images JPEG-encoded (quality 90) or raw. Default: JPEG for imagefolder without --size, raw otherwise.", show_default=False),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="imagefolder/tiny-imagenet without --size: shrink images whose longer side exceeds N to N (aspect kept), like FFCV's max_resolution."),
     normalization: Optional[str] = typer.Option(None, "--normalization", help="Mean/std to record: 'dataset' (the train split's) or 'imagenet' (torchvision's). Default: the source's published values (CIFAR: the zoos', imagefolder: imagenet, tiny-imagenet: mdistiller's), else dataset."),
