@@ -94,6 +94,25 @@ def test_imagefolder_keeps_each_size_capped_in_torchvision_order(tmp_path):
     assert meta.fingerprint == expected_fingerprint(tmp_path / "out")
 
 
+def test_cli_options_of_image_folders(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cli.data import data_app
+
+    make_folder(tmp_path / "src", {"a": [(30, 80), (64, 20)], "b": [(50, 50)]})
+    make_folder(tmp_path / "src", {"a": [(40, 40)], "b": [(70, 10)]}, split="val")
+    args = ["prepare", "imagefolder", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+            "--max-side", "48", "--normalization", "dataset"]
+    result = CliRunner().invoke(data_app, args)
+    assert result.exit_code == 0, result.output
+    assert "image 3 x own size jpeg" in result.output
+    meta = DatasetMeta.load(tmp_path / "o")
+    beton = BetonFile(tmp_path / "o" / "train.beton")
+    assert max(beton.heights.max(), beton.widths.max()) == 48 and meta.mean != list(IMAGENET_NORMALIZATION[0])
+    result = CliRunner().invoke(data_app, [*args[:5], str(tmp_path / "r"), "--raw"])
+    assert isinstance(result.exception, KdcacheError) and "raw storage needs one size" in str(result.exception)
+
+
 def test_streamed_fingerprint_is_deterministic_and_sees_one_file(tmp_path):
     src = tmp_path / "src"
     images = make_folder(src, {"a": [(30, 40), (41, 22)], "b": [(25, 25)]})
@@ -205,8 +224,11 @@ def test_tiny_imagenet_layout_order_and_names(tmp_path):
     assert test_labels.tolist() == [sorted(set(wnid_of.values())).index(wnid_of[f]) for f in order]
     gray = order.index("val_0.JPEG")
     assert np.array_equal(test_images[gray, 0], test_images[gray, 1])  # the grayscale JPEG became 3 equal channels
-    jpeg = prepare_dataset("tiny-imagenet", tmp_path / "jpeg", root=tmp_path / "tiny", jpeg=True)
-    assert jpeg.image_shape == [3, 64, 64] and jpeg.image_encoding == "jpeg"
+    jpeg = prepare_dataset("tiny-imagenet", tmp_path / "jpeg", root=tmp_path / "tiny", jpeg=True, max_train=4)
+    assert jpeg.image_shape == [3, 64, 64] and jpeg.image_encoding == "jpeg" and jpeg.counts == {"train": 4, "test": 6}
+    assert jpeg.preprocessing.endswith("first 4 train samples")
+    decoded, _ = load_split(tmp_path / "jpeg", "test")  # one size: the existing loaders read it
+    assert (decoded.int() - test_images.int()).abs().float().mean() < 3
 
 
 # ---------------------------------------------------------------- bad input
