@@ -132,12 +132,14 @@ def _write_files(tmp: Path, source: str, data: FileDataset, *, size: int | None,
     """Streams both splits' files into betons; returns their meta (see the module docstring)."""
     splits = {n: FileSplit(getattr(data, n).paths[:limits[n]], getattr(data, n).labels[:limits[n]]) for n in SPLITS}
     if jpeg is None:
-        jpeg = data.own_size and size is None
+        jpeg = data.sizes_vary and size is None
     one_size = None
     if not jpeg and size is None:  # raw storage keeps one size: the first training image's
         one_size = load_image(os.fsdecode(splits["train"].paths[0]), None, max_side).shape[:2]
-    side_bound = 3 * (size or max_side or 0) ** 2 or (3 * one_size[0] * one_size[1] if one_size else 0)
-    page = min(MAX_PAGE, max(PAGE_SIZE, 1 << (side_bound - 1).bit_length())) if side_bound else OWN_SIZE_PAGE
+    # A page must hold the largest stored image: bounded by its raw size when the side is known.
+    side = size or max_side
+    largest = 3 * side * side if side else 3 * one_size[0] * one_size[1] if one_size else None
+    page = OWN_SIZE_PAGE if largest is None else min(MAX_PAGE, max(PAGE_SIZE, 1 << (largest - 1).bit_length()))
     need_stats = normalization == "dataset" or (normalization is None and data.normalization is None)
 
     digest, checks, shapes, counts = hashlib.sha256(), {}, set(), None

@@ -64,7 +64,7 @@ class FileDataset:
     class_names: list[str]
     root: str
     normalization: tuple[list[float], list[float]] | None = None  # as in RawDataset
-    own_size: bool = True  # images may differ in size: stored as JPEG at their own size by default
+    sizes_vary: bool = True  # images may differ in size: stored as JPEG at their own size by default
 
 
 # torchvision's published ImageNet statistics: what torchvision's and timm's ImageNet teachers expect.
@@ -338,7 +338,7 @@ def tiny_imagenet(root: Path | None, size: int | None) -> FileDataset:
     words = dict(line.split("\t", 1) for line in _lines(root / "words.txt") if "\t" in line) \
         if (root / "words.txt").is_file() else {}
     return FileDataset(train, val, [words.get(w, w) for w in wnids], str(root), TINY_IMAGENET_NORMALIZATION,
-                       own_size=False)
+                       sizes_vary=False)
 
 
 # ---------------------------------------------------------------- scikit-learn digits
