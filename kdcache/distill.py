@@ -20,7 +20,7 @@ from kdcache.losses import get_loss
 from kdcache.models import create_model, file_sha256, load_teacher
 from kdcache.paths import stores_root
 from kdcache.recipes import Recipe
-from kdcache.replay import ViewReplayer, check_store, replayer_for
+from kdcache.replay import DEFAULT_VIEWS, ViewReplayer, check_store, replayer_for, view_size
 from kdcache.storage import LogitStore, warn_if_loss_needs_full_logits
 from kdcache.teachers import CachedTeacher, OnlineTeacher
 
@@ -108,8 +108,9 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
     if store is not None:
         replayer = replayer_for(store)
     else:
-        replayer = ViewReplayer.from_policy_names({v: v for v in views}, cfg.recipe.seed, meta.image_shape[-1],
-                                                  meta.mean, meta.std)
+        # Images of their own sizes take the ImageNet policies of the loss's slots.
+        policies = {v: f"imagenet_{v}" if meta.own_size and v in DEFAULT_VIEWS else v for v in views}
+        replayer = ViewReplayer.from_policy_names(policies, cfg.recipe.seed, view_size(meta), meta.mean, meta.std)
     teacher = _make_teacher(cfg, store, views, info, meta, device) if needs_teacher else None
     jobs = []
     for c, loss in zip(cfgs, losses):

@@ -168,7 +168,8 @@ def fit_jobs(jobs: list[TrainJob], resume: bool = False) -> list[list[dict[str, 
     recipe, device = first.recipe, first.device
     ctx = init_distributed(device)
     loader = make_loader(first.data_dir, "train", recipe.batch_size, shuffle=True, seed=recipe.seed,
-                         backend=first.backend, device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
+                         backend=first.backend, device=device, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
+                         replayer=first.replayer)
     if len(loader) == 0:
         raise KdcacheError(f"batch size {recipe.batch_size} is larger than the training split; lower --batch-size")
     for job in jobs:
@@ -251,6 +252,7 @@ def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
         for t in active:
             t.begin_epoch(epoch)
         loader.set_epoch(epoch)
+        loader.set_views(round_, tuple(dict.fromkeys(slot for t in active for slot in t.job.loss.views)))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not show, dynamic_ncols=True)
         start = last_read = time.perf_counter()
         for batch, (images, labels, indices) in enumerate(bar, 1):
@@ -294,7 +296,8 @@ def _end_epoch(t: Trainee, epoch: int, round_: int, batches: int, elapsed: float
     if not ctx.is_main:
         return
     record.update({f"test_{k}": v for k, v in evaluate(t.student, job.data_dir, job.meta, job.device,
-                                                        precision=job.recipe.precision).items()})
+                                                        precision=job.recipe.precision,
+                                                        image_size=job.replayer.image_size).items()})
     is_best = record["test_top1"] > t.best_top1
     t.best_top1 = max(t.best_top1, record["test_top1"])
     record["best_top1"] = t.best_top1

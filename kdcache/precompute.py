@@ -24,7 +24,7 @@ from kdcache.runtime import autocast, evaluate, init_distributed, pick_device, p
 from kdcache.errors import KdcacheError, warn_once
 from kdcache.models import file_sha256, load_teacher
 from kdcache.paths import default_store_path
-from kdcache.replay import ViewReplayer, replayer_for
+from kdcache.replay import ViewReplayer, replayer_for, view_size
 from kdcache.storage import LogitStore, default_encoding, get_encoding, measure_encoding
 from kdcache.storage.store import MAX_ROUNDS
 
@@ -45,16 +45,18 @@ class PrecomputeConfig:
     overwrite: bool = False
     backend: str = "auto"
     trust_checkpoint: bool = False  # unpickle a teacher file holding arbitrary Python objects
+    image_size: int | None = None  # views' side for images of their own sizes (None: replay.OWN_SIZE_IMAGE_SIZE)
 
 
 def store_identity(cfg: PrecomputeConfig, meta: DatasetMeta, ckpt_sha256: str) -> dict[str, Any]:
     """What must match for two runs to share a store (rounds may grow, so they are not part of it)."""
-    replayer = ViewReplayer.from_policy_names(cfg.views, cfg.seed, meta.image_shape[-1], meta.mean, meta.std)
+    image_size = view_size(meta, cfg.image_size)
+    replayer = ViewReplayer.from_policy_names(cfg.views, cfg.seed, image_size, meta.mean, meta.std)
     return {
         "teacher": cfg.teacher,
         "teacher_sha256": ckpt_sha256,
         "dataset_fingerprint": meta.fingerprint,
-        "image_size": meta.image_shape[-1],
+        "image_size": image_size,
         "mean": list(meta.mean),
         "std": list(meta.std),
         "policies": replayer.slot_specs,
@@ -118,7 +120,7 @@ def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
                                   num_classes=meta.num_classes, rounds=cfg.rounds, views=list(cfg.views),
                                   encoding=identity["encoding"], overwrite=cfg.overwrite)
         if "teacher_test_top1" not in store.attrs:
-            acc = evaluate(teacher, cfg.data_dir, meta, device, precision=precision)
+            acc = evaluate(teacher, cfg.data_dir, meta, device, precision=precision, image_size=identity["image_size"])
             store.update_attrs({"teacher_test_top1": acc["top1"], "teacher_test_top5": acc["top5"]})
     ctx.barrier()
     if not ctx.is_main:
@@ -130,7 +132,8 @@ def precompute(cfg: PrecomputeConfig, progress: bool = True) -> LogitStore:
     todo = [key for key in all_slabs[ctx.rank::ctx.world_size] if not store.is_complete(*key, deep=True)]
     replayer = replayer_for(store)
     batch_size = min(cfg.batch_size or (1024 if device.type == "cuda" else 256), meta.counts["train"])
-    loader = make_loader(cfg.data_dir, "train", batch_size, shuffle=False, device=device, backend=cfg.backend)
+    loader = make_loader(cfg.data_dir, "train", batch_size, shuffle=False, device=device, backend=cfg.backend,
+                         replayer=replayer)
     bar = tqdm(total=len(todo), desc=f"precompute {path.name}", unit="slab", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
 
@@ -206,6 +209,7 @@ def run_teacher_on_slab(teacher: nn.Module, replayer: ViewReplayer, loader, roun
     logits = torch.empty(n, meta.num_classes, dtype=torch.float32, device=device)
     seeds = torch.empty(n, dtype=torch.int64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    loader.set_views(round_, (slot,))
     for images, labels, indices in loader:
         views = to_model_input(replayer(round_, slot, images, indices))
         with autocast(device, precision):

@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # annotations only: the replayer needs neither package at run
     from kdcache.storage import LogitStore
 
 DEFAULT_VIEWS = {"weak": "weak", "strong": "strong"}
+OWN_SIZE_IMAGE_SIZE = 224  # views of images of their own sizes, unless precompute's --image-size says otherwise
+OWN_SIZE_EVAL_CROP = 0.875  # their evaluation view: torchvision's Resize(256) + CenterCrop(224)
+EVAL_SLOT = "eval"
 
 
 def parse_views(text: str) -> dict[str, str]:
@@ -63,6 +66,11 @@ class ViewReplayer:
         specs = {slot: get_policy(policy, image_size).spec() for slot, policy in views.items()}
         return cls(specs, store_seed, mean, std)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the views (every slot's policy makes views of one size)."""
+        return next(iter(self.policies.values())).image_size
+
     def _slot_id(self, slot: str) -> int:
         if slot not in self.slot_ids:
             raise KdcacheError(f"view slot '{slot}' is not among {list(self.slot_ids)}")
@@ -78,17 +86,23 @@ class ViewReplayer:
     def seeds(self, round_: int, slot: str, indices: torch.Tensor) -> torch.Tensor:
         return seeds_from_prefix(self.key_prefix(round_, slot, indices.device), indices)
 
-    def __call__(self, round_: int, slot: str, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """uint8 images [B,3,H,W] with their sample indices -> float32 normalised views."""
-        return self.views(slot, self.key_prefix(round_, slot, images.device), images, indices)
+    def __call__(self, round_: int, slot: str, images, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B,3,H,W] with their sample indices -> float32 normalised views; or, for
+        images of their own sizes, `CropLoader`'s {slot: boxes cut at decode time}."""
+        return self.views(slot, self.key_prefix(round_, slot, indices.device), images, indices)
 
-    def views(self, slot: str, prefix: torch.Tensor, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def views(self, slot: str, prefix: torch.Tensor, images, indices: torch.Tensor) -> torch.Tensor:
         """`__call__` with the round given as its key prefix: the form a compiled step takes,
         so one graph serves every round."""
+        seeds = seeds_from_prefix(prefix, indices)
+        if isinstance(images, dict):  # the slot's boxes, cut and resized at decode time
+            images = images[slot]
+            views = self.policies[slot].finish(images, seeds, dense=self.dense)
+        else:
+            views = self.policies[slot](images, seeds, dense=self.dense)
         if images.device not in self._constants:
             self._constants[images.device] = (channel_constants(self.mean, images.device),
                                               channel_constants(self.std, images.device))
-        views = self.policies[slot](images, seeds_from_prefix(prefix, indices), dense=self.dense)
         return normalize(views, *self._constants[images.device])
 
 
@@ -119,12 +133,36 @@ def _identity_policy(image_size: int) -> ViewPolicy:
     return get_policy("identity", image_size)
 
 
-def eval_views(images: torch.Tensor, mean, std) -> torch.Tensor:
+def eval_replayer(image_size: int, mean, std) -> ViewReplayer:
+    """The evaluation view of images of their own sizes, cut at decode time by the loader it
+    is given to: the centred square of `OWN_SIZE_EVAL_CROP` of the shorter side, resized."""
+    spec = get_policy("identity", image_size, crop_fraction=OWN_SIZE_EVAL_CROP).spec()
+    return ViewReplayer({EVAL_SLOT: spec}, 0, mean, std)
+
+
+def view_size(meta: DatasetMeta, requested: int | None = None) -> int:
+    """The side of the views of this data: its own for images of one size, else `requested`
+    (precompute's --image-size) or OWN_SIZE_IMAGE_SIZE."""
+    if not meta.own_size:
+        if requested not in (None, meta.image_shape[-1]):
+            raise KdcacheError(f"--image-size {requested}: {meta.name}'s images are all {meta.image_shape[-1]} px and "
+                               "its views keep that size; drop --image-size")
+        return meta.image_shape[-1]
+    if requested is not None and not (isinstance(requested, int) and requested > 0):
+        raise KdcacheError(f"--image-size must be a positive integer, got {requested!r}")
+    return requested or OWN_SIZE_IMAGE_SIZE
+
+
+def eval_views(images, mean, std) -> torch.Tensor:
     """uint8 [B,3,H,W] -> the float32 un-augmented, normalised views models are evaluated on.
 
     This is the `identity` view policy followed by the dataset's normalisation
-    (`DatasetMeta.mean`, `.std`), what `kdcache distill` reports test accuracy on.
+    (`DatasetMeta.mean`, `.std`), what `kdcache distill` reports test accuracy on. For
+    images of their own sizes, `images` is the batch of a loader made with `eval_replayer`
+    ({EVAL_SLOT: centre boxes cut and resized at decode time}), already the view.
     """
+    if isinstance(images, dict):
+        images = images[EVAL_SLOT]
     # The identity policy draws nothing from its seeds; any int64 values will do.
     no_seeds = torch.zeros(len(images), dtype=torch.int64, device=images.device)
     return normalize(_identity_policy(images.shape[-1])(images, no_seeds), mean, std)

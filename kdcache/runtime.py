@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from kdcache.data import DatasetMeta, make_loader
 from kdcache.errors import KdcacheError
-from kdcache.replay import eval_views
+from kdcache.replay import eval_replayer, eval_views, view_size
 
 
 @dataclass
@@ -97,13 +97,16 @@ def to_model_input(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data_dir: Path, meta: DatasetMeta, device: torch.device, batch_size: int = 256,
-             precision: str = "fp32", progress: bool = False) -> dict[str, float]:
+             precision: str = "fp32", progress: bool = False, image_size: int | None = None) -> dict[str, float]:
     """Top-1, top-5 and CE loss of `model` on the un-augmented, normalised test split.
 
-    Sums stay on the device and are read once at the end (no host sync per batch)."""
+    Images of their own sizes are evaluated on `eval_replayer`'s centre crop at `image_size`
+    (default `view_size(meta)`), cut at decode time. Sums stay on the device and are read
+    once at the end (no host sync per batch)."""
     was_training = model.training
     model.eval()
-    loader = make_loader(data_dir, "test", batch_size, shuffle=False, device=device)
+    replayer = eval_replayer(view_size(meta, image_size), meta.mean, meta.std) if meta.own_size else None
+    loader = make_loader(data_dir, "test", batch_size, shuffle=False, device=device, replayer=replayer)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     start = time.perf_counter()
     for images, labels, indices in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress,

@@ -54,7 +54,16 @@ class ResizedCropFlip:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def sample(self, u, input_size):
+        """input_size: (H, W) ints, or int64 [B] tensors (each image its own size), or None
+        when the box was cut at decode time (only the flip is left to draw)."""
+        flip = u[:, 4 * self.tries] < 0.5
+        if input_size is None:
+            return {"flip": flip}
         height, width = input_size
+        per_sample = isinstance(height, torch.Tensor)
+        fallback = self._fallback(height, width)
+        if per_sample:  # broadcast each image's size over its tries
+            height, width = height[:, None], width[:, None]
         area = height * width
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         tries = u[:, : 4 * self.tries].view(-1, self.tries, 4)
@@ -69,20 +78,34 @@ class ResizedCropFlip:
         first = ok.to(torch.int64).argmax(dim=1)[:, None, None].expand(-1, 1, 4)
         boxes = torch.stack([top, left, h, w], dim=2).gather(1, first).squeeze(1)
         fits = ok.any(dim=1)
-        top, left, h, w = (torch.where(fits, boxes[:, i], value) for i, value in enumerate(self._fallback(height, width)))
-        return {"crop_top": top, "crop_left": left, "crop_height": h, "crop_width": w,
-                "flip": u[:, 4 * self.tries] < 0.5}
+        top, left, h, w = (torch.where(fits, boxes[:, i], value) for i, value in enumerate(fallback))
+        return {"crop_top": top, "crop_left": left, "crop_height": h, "crop_width": w, "flip": flip}
 
     def _fallback(self, height, width):
-        """torchvision's centre crop when no try fits."""
+        """torchvision's centre crop when no try fits (per image when the sizes are tensors,
+        in the same float64 arithmetic as Python's)."""
+        lo, hi = min(self.ratio), max(self.ratio)
+        if isinstance(height, torch.Tensor):
+            in_ratio = width.double() / height
+            w = torch.where(in_ratio > hi, torch.round(height.double() * hi).to(torch.int64), width)
+            h = torch.where(in_ratio < lo, torch.round(width.double() / lo).to(torch.int64), height)
+            return (height - h) // 2, (width - w) // 2, h, w
         in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            w, h = int(round(height * max(self.ratio))), height
+        if in_ratio < lo:
+            w, h = width, int(round(width / lo))
+        elif in_ratio > hi:
+            w, h = int(round(height * hi)), height
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
+
+    def box(self, u, heights, widths):
+        p = self.sample(u, (heights, widths))
+        return torch.stack([p["crop_top"], p["crop_left"], p["crop_height"], p["crop_width"]], dim=1)
+
+    def finish(self, crops, p):
+        """What is left once the box was cut and resized at decode time: the flip."""
+        return torch.where(p["flip"].view(-1, 1, 1, 1), crops.flip(3), crops)
 
     def apply(self, images, p, dense):
         return ops.resized_crop(images, p["crop_top"], p["crop_left"], p["crop_height"], p["crop_width"],
@@ -99,6 +122,13 @@ class CenterResize:
 
     def sample(self, u, input_size):
         return {}
+
+    def box(self, u, heights, widths):
+        side = torch.round(torch.minimum(heights, widths).double() * self.crop_fraction).to(torch.int64).clamp(min=1)
+        return torch.stack([(heights - side) // 2, (widths - side) // 2, side, side], dim=1)
+
+    def finish(self, crops, p):
+        return crops
 
     def apply(self, images, p, dense):
         n, _, h, w = images.shape
@@ -204,8 +234,9 @@ class ViewPolicy:
     def __init__(self, name: str, image_size: int, params: dict, steps: list):
         self.name, self.image_size, self.params, self.steps = name, image_size, params, steps
 
-    def sample(self, seeds: torch.Tensor, input_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Per-sample parameters of the views with these seeds, for inputs of input_size (H, W)."""
+    def sample(self, seeds: torch.Tensor, input_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        """Per-sample parameters of the views with these seeds, for inputs of input_size (H, W);
+        None when the crop box was cut at decode time (then no box is drawn)."""
         u = uniform_streams(seeds, sum(step.streams for step in self.steps))
         params, start = {}, 0
         for step in self.steps:
@@ -222,6 +253,32 @@ class ViewPolicy:
         for step in self.steps:
             images = step.apply(images, params, dense)
         return images
+
+    def crop_boxes(self, seeds: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        """int64 [B, 4] (top, left, height, width): the box each view cuts from its image of
+        size heights x widths (int64 [B]), drawn by the first step exactly as `__call__`
+        draws it. Images of their own sizes have it cut at decode time (`kdcache.data.decode`)."""
+        step = self.crop_step()
+        return step.box(uniform_streams(seeds, step.streams), heights, widths)
+
+    def crop_step(self):
+        """The step that cuts the box, which images of their own sizes run at decode time."""
+        if not hasattr(self.steps[0], "box"):
+            raise KdcacheError(f"view policy {self.name!r} crops images of one size; for images of their own sizes "
+                               "use imagenet_weak, imagenet_strong or identity (e.g. --views "
+                               "weak=imagenet_weak,strong=imagenet_strong)")
+        return self.steps[0]
+
+    def finish(self, crops: torch.Tensor, seeds: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """The views whose boxes `crop_boxes` gave, from those boxes already cut and resized to
+        uint8 [B,3,S,S]: the rest of the first step (the flip), then every other step."""
+        if dense is None:
+            dense = crops.device.type != "cpu"
+        params = self.sample(seeds.to(crops.device), None)
+        crops = self.steps[0].finish(crops, params)
+        for step in self.steps[1:]:
+            crops = step.apply(crops, params, dense)
+        return crops
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
         """Views of `images` for `seeds` (see `apply` for `dense`)."""

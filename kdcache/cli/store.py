@@ -27,6 +27,7 @@ def precompute_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Store path (default: content-addressed under $KDCACHE_HOME/stores, where distill finds it).")] = None,
     encoding: Annotated[str, typer.Option("--encoding", help=f"Logit encoding: auto (float16 below 500 classes, topk:20 from 500; see docs/store-format.md), {', '.join(list_encodings())}.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Store seed: the first part of every view key.")] = 0,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Side of the views of images of their own sizes (default 224; recorded in the store, distill reads it there). Images of one size keep theirs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Teacher batch size (default: 256 on CPU, 1024 on CUDA).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16 (CUDA); logits are stored from float32 either way.")] = "auto",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
@@ -47,7 +48,7 @@ def precompute_cmd(
     cfg = PrecomputeConfig(teacher=teacher, ckpt=ckpt or mdistiller_teacher_ckpt(teacher), data_dir=data,
                            views=parse_views(views), rounds=rounds, out=out, encoding=encoding, seed=seed,
                            batch_size=batch_size, precision=precision, device=device, overwrite=overwrite,
-                           trust_checkpoint=trust_checkpoint)
+                           trust_checkpoint=trust_checkpoint, image_size=image_size)
     store = precompute(cfg, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         total = store.rounds * len(store.views)

@@ -63,7 +63,11 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, 
 def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split in index order: (uint8 [N,3,H,W], int64 [N]). Raw betons are parsed
     with numpy (no ffcv needed); JPEG betons are decoded by ffcv."""
-    return _read_split(open_split(data_dir, split))
+    beton = open_split(data_dir, split)
+    if beton.own_size:
+        raise KdcacheError(f"{beton.path} holds images of their own sizes, which do not stack into one tensor; "
+                           "read it with make_loader(..., replayer=...), which cuts views at decode time")
+    return _read_split(beton)
 
 
 def _read_split(beton: BetonFile) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,17 +82,29 @@ def _read_split(beton: BetonFile) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_loader(data_dir: str | Path, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
                 backend: str = "auto", device: str | torch.device = "cpu", drop_last: bool = False,
-                rank: int = 0, world_size: int = 1) -> "MemoryLoader | FfcvLoader":
-    """A re-iterable loader; call `set_epoch(e)` before each epoch to get that epoch's order."""
+                rank: int = 0, world_size: int = 1, replayer=None) -> "MemoryLoader | FfcvLoader | CropLoader":
+    """A re-iterable loader; call `set_epoch(e)` before each epoch to get that epoch's order.
+
+    Data of images of their own sizes (`DatasetMeta.own_size`) gives a `CropLoader`: it needs
+    the `replayer` (`kdcache.replay.ViewReplayer`) whose views it cuts, chosen per pass with
+    `set_views(round, slots)`; other loaders ignore both."""
     if backend not in BACKENDS:
         raise KdcacheError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if batch_size < 1:
         raise KdcacheError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
     beton = open_split(data_dir, split)
+    args = dict(shuffle=shuffle, seed=seed, device=device, drop_last=drop_last, rank=rank, world_size=world_size)
+    if beton.own_size:
+        if replayer is None:
+            raise KdcacheError(f"{beton.path} holds images of their own sizes, whose views are cut at decode time: "
+                               "pass the views' replayer (make_loader(..., replayer=replayer_for(store)))")
+        if backend == "memory" or not _has_ffcv():
+            raise KdcacheError(f"{beton.path} holds images of their own sizes, which only the ffcv backend reads "
+                               "(views are cut at decode time); install ffcv and use backend 'ffcv' or 'auto'")
+        return CropLoader(beton, batch_size, replayer, **args)
     if backend == "auto":
         backend = "memory" if _fits_in_memory(beton, device) or not _has_ffcv() else "ffcv"
-    args = dict(shuffle=shuffle, seed=seed, device=device, drop_last=drop_last, rank=rank, world_size=world_size)
     if backend == "memory":
         return MemoryLoader(*_read_split(beton), batch_size, **args)
     if not _has_ffcv():
@@ -126,6 +142,10 @@ class _Batches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_views(self, round_: int, slots) -> None:
+        """Which views the next passes serve: only loaders that cut views at decode time
+        (`CropLoader`) need to know; whole images serve every view."""
+
     def order(self) -> np.ndarray:
         """This epoch's sample indices for this rank, cut to whole batches when drop_last."""
         order = epoch_order(self.num_samples, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
@@ -152,37 +172,103 @@ class MemoryLoader(_Batches):
 
 
 class FfcvLoader(_Batches):
-    """Reads the beton with one ffcv Loader, reused across epochs (building one costs ~1.5 s)."""
+    """Reads the beton with ffcv Loaders, each reused across epochs (building one costs ~1.5 s)."""
 
     def __init__(self, beton: BetonFile, batch_size: int, **kw):
         super().__init__(beton.num_samples, batch_size, **kw)
         self.path = beton.path
-        self._loader = None
+        self._loaders = {}
 
-    def _ffcv_loader(self, order: np.ndarray):
+    def _ffcv_batches(self, order: np.ndarray, key, image_ops):
+        """(images, labels, indices) of `order` from the Loader `key` (built on first use with
+        the image pipeline `image_ops()`); only labels and indices are cloned."""
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor
 
-        if self._loader is None:
-            self._loader = Loader(
+        if key not in self._loaders:
+            self._loaders[key] = Loader(
                 str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS, order=OrderOption.SEQUENTIAL,
                 indices=order, drop_last=False, os_cache=True,
-                pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                pipelines={"image": [*image_ops(), ToTensor()], "label": [IntDecoder(), ToTensor()],
                            "index": [IntDecoder(), ToTensor()]})
-        self._loader.traversal_order.indices = order
-        return self._loader
-
-    def __iter__(self):
-        order = self.order()
+        loader = self._loaders[key]
+        loader.traversal_order.indices = order
         expected = torch.from_numpy(order)
         start = 0
-        for images, labels, indices in self._ffcv_loader(order):
-            # ffcv reuses its output buffers: every tensor yielded is a clone.
+        for images, labels, indices in loader:
+            # ffcv reuses its output buffers: every tensor kept is a clone.
             indices = indices.reshape(-1).clone()
             if not torch.equal(indices, expected[start:start + len(indices)]):
                 raise RuntimeError("ffcv returned samples out of the requested order")
             start += len(indices)
-            yield (images.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format).to(self.device), labels.reshape(-1).clone().to(self.device),
-                   indices.to(self.device))
+            yield images, labels.reshape(-1).clone().to(self.device), indices.to(self.device)
+
+    def __iter__(self):
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+        for images, labels, indices in self._ffcv_batches(self.order(), None, lambda: [SimpleRGBImageDecoder()]):
+            yield images.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format).to(self.device), labels, indices
+
+
+class CropLoader(FfcvLoader):
+    """Images of their own sizes: batches of views' boxes cut at decode time.
+
+    Yields `({slot: uint8 [B,3,S,S]}, labels, indices)`: for each slot chosen with
+    `set_views(round, slots)`, each sample's box of the view (round, slot, index), drawn by
+    the slot's policy (`replayer`'s) from the view key and the image's size, decoded and
+    resized to the policy's image size S (`kdcache.data.decode`). The replayer's
+    `views(slot, ...)` finishes them (flip, RandAugment, cutout) on the device.
+    """
+
+    BOX_CHUNK = 1 << 16  # samples whose boxes are drawn at once (bounds the streams' memory)
+    # ffcv Loaders and their box tables, per (file, batch size, views per sample, view size),
+    # kept for the whole process: a collected Loader with a crop decoder makes numba print an
+    # ignored KeyError (ffcv's own RandomResizedCropRGBImageDecoder does too), and evaluation
+    # would rebuild one every epoch (~1.5 s). So two CropLoaders alike must not iterate at once.
+    _shared_loaders: dict = {}
+    _shared_tables: dict = {}
+
+    def __init__(self, beton: BetonFile, batch_size: int, replayer, **kw):
+        super().__init__(beton, batch_size, **kw)
+        self.replayer, self.heights, self.widths = replayer, torch.from_numpy(beton.heights), torch.from_numpy(beton.widths)
+        sizes = {policy.image_size for policy in replayer.policies.values()}
+        if len(sizes) != 1:
+            raise KdcacheError(f"the view slots make views of several sizes {sorted(sizes)}; use one image size")
+        self.size = sizes.pop()
+        for policy in replayer.policies.values():
+            policy.crop_step()
+        self.round, self.slots = 0, tuple(replayer.policies)
+        self._loaders = self._shared_loaders
+
+    def set_views(self, round_: int, slots) -> None:
+        """The views the next passes yield: slots `slots` of round `round_`."""
+        for slot in slots:
+            self.replayer.key_prefix(round_, slot, torch.device("cpu"))  # refuses unknown slots and rounds
+        self.round, self.slots = round_, tuple(slots)
+
+    def _boxes(self, order: np.ndarray) -> np.ndarray:
+        """The box table [N, V, 4] with the rows of `order` holding this pass's boxes."""
+        key = self._key()
+        if key not in self._shared_tables:
+            self._shared_tables[key] = np.zeros((self.num_samples, len(self.slots), 4), dtype=np.int32)
+        table = self._shared_tables[key]
+        for chunk in torch.from_numpy(order).split(self.BOX_CHUNK):
+            for v, slot in enumerate(self.slots):
+                seeds = self.replayer.seeds(self.round, slot, chunk)
+                boxes = self.replayer.policies[slot].crop_boxes(seeds, self.heights[chunk], self.widths[chunk])
+                table[chunk.numpy(), v] = boxes.numpy()
+        return table
+
+    def _key(self):
+        return (str(self.path.resolve()), self.batch_size, len(self.slots), self.size)
+
+    def __iter__(self):
+        from kdcache.data.decode import crop_decoder
+
+        order = self.order()
+        table = self._boxes(order)
+        for images, labels, indices in self._ffcv_batches(order, self._key(), lambda: [crop_decoder(table, self.size)]):
+            # [B, V, S, S, 3] -> one contiguous [B, 3, S, S] per slot
+            crops = images.permute(1, 0, 4, 2, 3).clone(memory_format=torch.contiguous_format).to(self.device)
+            yield dict(zip(self.slots, crops)), labels, indices
