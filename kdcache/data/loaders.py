@@ -65,8 +65,9 @@ def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Te
     with numpy (no ffcv needed); JPEG betons are decoded by ffcv."""
     beton = open_split(data_dir, split)
     if beton.own_size:
-        raise KdcacheError(f"{beton.path} holds images of their own sizes, which do not stack into one tensor; "
-                           "read it with make_loader(..., replayer=...), which cuts views at decode time")
+        raise KdcacheError(f"{beton.path} holds images of their own sizes, which do not stack into one tensor: "
+                           "`kdcache verify`, `views show` and StoreDataset do not read such data yet (training, "
+                           "precompute and eval do); in Python use make_loader(..., replayer=...)")
     return _read_split(beton)
 
 
