@@ -116,6 +116,11 @@ class CachedTeacher:
         self._slabs, self._loaded = slabs, key
         return key[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held for the current epoch (encoded arrays and lookup tables)."""
+        return sum(slab.nbytes for slab in self._slabs.values())
+
     @torch.no_grad()
     def logits(self, round_: int, slot: str, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """float32 logits of the views (slot, indices) of the loaded round; `views` is unused."""
