@@ -526,7 +526,7 @@ class LogitStore:
     def _check_rows(self, rows) -> np.ndarray | None:
         if rows is None:
             return None
-        rows = torch.as_tensor(rows).cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
         if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (
                 len(rows) and (rows[0] < 0 or rows[-1] >= self.num_samples or (np.diff(rows) <= 0).any())):
             raise KdcacheError(f"rows must be sorted, distinct sample indices in 0..{self.num_samples - 1}; "
@@ -628,11 +628,11 @@ class SlabWriter:
         if logits.shape != (n, num_classes) or seeds.shape != (n,) or self.rows + n > total:
             raise ValueError(f"slab {self._path} has {total} rows of {num_classes} logits, {self.rows} written; "
                              f"got logits {logits.shape} and seeds {seeds.shape}")
-        if not np.isfinite(logits).all():
-            raise KdcacheError(f"teacher logits for {self._path} contain NaN or inf; check the teacher checkpoint")
         blocks = []
         for start in range(0, n, block_rows(num_classes)):
             block = logits[start:start + block_rows(num_classes)]
+            if not np.isfinite(block).all():
+                raise KdcacheError(f"teacher logits for {self._path} contain NaN or inf; check the teacher checkpoint")
             blocks.append(self._encoding.encode(block))
             if self.errors is not None:
                 self.errors.add(block, self._encoding.decode(blocks[-1], num_classes))
