@@ -119,7 +119,7 @@ def logits_of(model, x) -> torch.Tensor:
 def top_k_decoded(logits: torch.Tensor, k: int) -> torch.Tensor:
     """What a topk:k store gives back for these float32 logits."""
     encoding = get_encoding(f"topk:{k}")
-    return torch.from_numpy(encoding.decode(encoding.encode(logits.numpy()), logits.shape[1]))
+    return encoding.decode(encoding.encode(logits.numpy()), logits.shape[1])
 
 
 def kl(full, decoded, T: float) -> torch.Tensor:

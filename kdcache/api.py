@@ -22,7 +22,7 @@ import torch
 
 from kdcache.data import DatasetMeta, load_split, make_loader
 from kdcache.replay import ViewReplayer, check_store, eval_views, replayer_for
-from kdcache.storage import LogitStore
+from kdcache.storage import EncodedRows, LogitStore
 from kdcache.teachers import DeviceSlabs
 
 __all__ = [
@@ -46,9 +46,10 @@ class TeacherLogits:
     """The stored teacher logits of views, looked up by (round, slot, sample indices).
 
     Rounds may be visited in any order. The slabs of the round last asked for stay in
-    memory on `device` ([N, C] per slot, float16 for float16 stores, else float32, as
-    kdcache's own training keeps them); asking for another round reads that round's slabs
-    and drops the previous ones, so visit all batches of a round before moving on.
+    memory on `device`, still encoded (as kdcache's own training keeps them: N rows per
+    slot of float16 for float16 stores, of top-k values, indices and tails for top-k
+    ones), and a call decodes the rows it asks for; asking for another round reads that
+    round's slabs and drops the previous ones, so visit all batches of a round before moving on.
     """
 
     def __init__(self, store: LogitStore, device: str | torch.device = "cpu"):
@@ -56,21 +57,22 @@ class TeacherLogits:
         self.device = torch.device(device)
         self.round: int | None = None
         self._source = DeviceSlabs(store, self.device)
-        self._slabs: dict[str, torch.Tensor] = {}
+        self._slabs: dict[str, EncodedRows] = {}
 
-    def slab(self, round_: int, slot: str) -> torch.Tensor:
-        """All N rows of (round, slot) on `device`, read from the store once per round visit."""
+    def slab(self, round_: int, slot: str) -> EncodedRows:
+        """All N rows of (round, slot), encoded, on `device`, read from the store once per
+        round visit; `.logits(indices)` decodes some of them."""
         if round_ != self.round:
             self._slabs = {}
             self.round = round_
         if slot not in self._slabs:
-            self._slabs[slot] = self._source.slab(round_, slot)
+            self._slabs[slot] = self._source.load(round_, slot)
         return self._slabs[slot]
 
     def __call__(self, round_: int, slot: str, indices: torch.Tensor) -> torch.Tensor:
         """float32 [B, C] logits of the views (round, slot, indices), on the device of `indices`."""
-        rows = self.slab(round_, slot).index_select(0, indices.to(self.device))
-        return rows.to(indices.device, non_blocking=True).float()
+        rows = self.slab(round_, slot).logits(indices.to(self.device))
+        return rows.to(indices.device, non_blocking=True)
 
 
 class StoreSample(NamedTuple):

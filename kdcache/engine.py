@@ -246,6 +246,8 @@ def _train(trainees: list[Trainee], loader, ctx: DistContext) -> None:
     show = first.show_progress and ctx.is_main
     replay = compiled(replay_views, first.compile)
     compile_pending = show and first.compile != "off"  # stated in the log, so timed only when shown
+    if teacher is not None:
+        teacher.visit(loader.order)  # a cached teacher holds only the rows this rank visits
     for epoch in range(min(t.start_epoch for t in trainees), recipe.epochs):
         active = [t for t in trainees if t.start_epoch <= epoch]
         round_ = teacher.begin_epoch(epoch) if teacher is not None else epoch

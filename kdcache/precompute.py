@@ -25,7 +25,7 @@ from kdcache.errors import KdcacheError, warn_once
 from kdcache.models import file_sha256, load_teacher
 from kdcache.paths import default_store_path
 from kdcache.replay import ViewReplayer, replayer_for, view_size
-from kdcache.storage import LogitStore, default_encoding, get_encoding, measure_encoding
+from kdcache.storage import LogitStore, default_encoding, get_encoding
 from kdcache.storage.store import MAX_ROUNDS
 
 
@@ -179,17 +179,28 @@ def _under_slab_locks(store: LogitStore, keys: list[tuple[int, str]], compute):
 
 def compute_slab(store: LogitStore, teacher: nn.Module, replayer: ViewReplayer, loader, round_: int, slot: str,
                  meta: DatasetMeta, precision: str) -> float:
-    """Compute, encode and write one slab (then mark it complete); returns the seconds it took.
+    """Compute, encode and write one slab chunk by chunk (then mark it complete); returns the
+    seconds it took.
 
-    The slab records the precision that really ran (see `run_precision`)."""
+    The slab records the precision that really ran (see `run_precision`), the teacher's
+    speed (encoding and writing excluded) and the encoding's error, measured on every row
+    as it is written."""
     precision = run_precision(precision, next(teacher.parameters()).device)
     start = time.perf_counter()
-    logits, seeds, correct = run_teacher_on_slab(teacher, replayer, loader, round_, slot, meta, precision)
-    compute_s = time.perf_counter() - start
-    encoding_error = measure_encoding(logits, store.encoding)
-    store.write_slab(round_, slot, logits, seeds, stats={
+    writer = store.slab_writer(round_, slot, measure=True)
+    write_s = 0.0
+
+    def write(logits: torch.Tensor, seeds: torch.Tensor) -> None:
+        nonlocal write_s
+        began = time.perf_counter()
+        writer.append(logits, seeds)
+        write_s += time.perf_counter() - began
+
+    correct = run_teacher_on_slab(teacher, replayer, loader, round_, slot, meta, precision, write, writer.chunk_rows)
+    encoding_error = writer.errors.result()
+    writer.finish(stats={
         "teacher_top1": 100.0 * correct / meta.counts["train"],
-        "images_per_s": meta.counts["train"] / compute_s,
+        "images_per_s": meta.counts["train"] / (time.perf_counter() - start - write_s),
         "precision": precision,
         **{k: encoding_error[k] for k in ("max_abs_error", "mean_kl_t1", "mean_kl_t4")},
     })
@@ -198,26 +209,42 @@ def compute_slab(store: LogitStore, teacher: nn.Module, replayer: ViewReplayer, 
 
 @torch.no_grad()
 def run_teacher_on_slab(teacher: nn.Module, replayer: ViewReplayer, loader, round_: int, slot: str,
-                        meta: DatasetMeta, precision: str):
-    """The teacher's float32 logits [N, C] on every view of one slab, with the view seeds
-    and the number of views it classifies right.
+                        meta: DatasetMeta, precision: str, write, chunk_rows: int) -> int:
+    """Run the teacher on every view of one slab and hand its float32 logits and the view
+    seeds to `write(logits [rows, C], seeds [rows])` (CPU tensors) in sample order,
+    `chunk_rows` rows at a time; returns the number of views it classifies right.
 
-    Everything accumulates on the teacher's device and comes back in one copy at the end:
-    no host sync per batch."""
+    A chunk accumulates on the teacher's device and comes back in one copy when full: one
+    host sync per chunk, none per batch, and never more than a chunk of logits held."""
     n = meta.counts["train"]
     device = next(teacher.parameters()).device
-    logits = torch.empty(n, meta.num_classes, dtype=torch.float32, device=device)
-    seeds = torch.empty(n, dtype=torch.int64, device=device)
+    chunk_rows = min(chunk_rows, n)
+    logits = torch.empty(chunk_rows, meta.num_classes, dtype=torch.float32, device=device)
+    seeds = torch.empty(chunk_rows, dtype=torch.int64, device=device)
+    rows = torch.empty(chunk_rows, dtype=torch.int64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loader.set_views(round_, (slot,))
+    done = filled = 0  # rows written, rows of the current chunk filled
     for images, labels, indices in loader:
         views = to_model_input(replayer(round_, slot, images, indices))
         with autocast(device, precision):
             out = teacher(views).float()
         correct += (out.argmax(1) == labels).sum()
-        logits.index_copy_(0, indices, out)
-        seeds.index_copy_(0, indices, replayer.seeds(round_, slot, indices))
-    return logits.cpu(), seeds.cpu(), int(correct)
+        batch = (out, replayer.seeds(round_, slot, indices), indices)
+        taken = 0
+        while taken < len(indices):  # a batch may end one chunk and start the next
+            size = min(len(indices) - taken, chunk_rows - filled)
+            for buffer, part in zip((logits, seeds, rows), batch):
+                buffer[filled:filled + size] = part[taken:taken + size]
+            filled, taken = filled + size, taken + size
+            if filled == min(chunk_rows, n - done):
+                if not torch.equal(rows[:filled].cpu(), torch.arange(done, done + filled)):
+                    raise RuntimeError("precompute needs the loader's batches in sample order (shuffle=False)")
+                write(logits[:filled].cpu(), seeds[:filled].cpu())
+                done, filled = done + filled, 0
+    if done != n:
+        raise RuntimeError(f"the loader gave {done + filled} of the slab's {n} samples")
+    return int(correct)
 
 
 # verify's default tolerance per precision a slab ran in (logit units, beyond the encoding
@@ -268,7 +295,7 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
                                             dynamic_ncols=True):
         round_, slot = complete[slab_i]
         idx = torch.from_numpy(flat[first:first + count] % n)
-        stored = store.slab(round_, slot)[idx]
+        stored = store.slab(round_, slot, rows=idx)  # idx is sorted and distinct: only these rows are read
         stats = store.slab_stats(round_, slot)
         precision = run_precision(stats.get("precision", "fp32"), dev)
         bound = stats.get("max_abs_error", 0.0) + (VERIFY_TOLERANCE[precision] if tolerance is None else tolerance)
@@ -278,7 +305,7 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
         max_diff = max(max_diff, float(diff.max()))
         sum_diff += float((stored - fresh).abs().mean(dim=1).sum())
         agree += int((stored.argmax(1) == fresh.argmax(1)).sum())
-        seeds_ok += int((store.seeds(round_, slot)[idx] == replayer.seeds(round_, slot, idx)).sum())
+        seeds_ok += int((store.seeds(round_, slot, rows=idx) == replayer.seeds(round_, slot, idx)).sum())
         passed += int((diff <= bound).sum())
     checked = len(flat)
     return {"samples": checked, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / checked,

@@ -329,7 +329,7 @@ def test_xarray_opens_a_slab_with_named_dimensions(tmp_path, encoding, dims):
     assert slab.attrs["complete"] is True and slab.sizes["sample"] == 64
     assert np.array_equal(slab["seeds"].values, seeds.numpy().view(np.uint64))
     arrays = {name: slab[name].values for name in get_encoding(encoding).array_names}
-    assert torch.equal(torch.from_numpy(get_encoding(encoding).decode(arrays, 10)), store.slab(1, "weak"))
+    assert torch.equal(get_encoding(encoding).decode(arrays, 10), store.slab(1, "weak"))
 
 
 @pytest.mark.parametrize("encoding", ["float16", "int8", "topk:3"])
@@ -596,7 +596,7 @@ def test_prefetcher_yields_in_order(tmp_path):
     store = create(tmp_path / "s")
     keys = [(2, "weak"), (0, "strong"), (1, "weak"), (0, "weak")]
     expected = {key: write(store, *key)[0].half().float() for key in keys}
-    got = list(SlabPrefetcher(store, keys, depth=2))
+    got = list(SlabPrefetcher(store.slab, keys, depth=2))
     assert [key for key, _ in got] == keys
     assert all(torch.equal(slab, expected[key]) for key, slab in got)
 
@@ -604,14 +604,14 @@ def test_prefetcher_yields_in_order(tmp_path):
 def test_prefetcher_propagates_errors_and_stops(tmp_path):
     store = create(tmp_path / "s")
     write(store, 0, "weak")
-    prefetcher = SlabPrefetcher(store, [(0, "weak"), (0, "strong"), (0, "weak")])
+    prefetcher = SlabPrefetcher(store.slab, [(0, "weak"), (0, "strong"), (0, "weak")])
     seen = []
     with pytest.raises(KdcacheError, match="not complete"):
         for key, _ in prefetcher:
             seen.append(key)
     assert seen == [(0, "weak")] and not prefetcher._thread.is_alive()
 
-    early = SlabPrefetcher(store, [(0, "weak")] * 5)
+    early = SlabPrefetcher(store.slab, [(0, "weak")] * 5)
     for _ in early:
         break
     early.close()

@@ -147,10 +147,10 @@ class _Batches:
         """Which views the next passes serve: only loaders that cut views at decode time
         (`CropLoader`) need to know; whole images serve every view."""
 
-    def order(self) -> np.ndarray:
-        """This epoch's sample indices for this rank, cut to whole batches when drop_last."""
-        order = epoch_order(self.num_samples, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                            rank=self.rank, world_size=self.world_size)
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """This epoch's (or `epoch`'s) sample indices for this rank, cut to whole batches when drop_last."""
+        order = epoch_order(self.num_samples, shuffle=self.shuffle, seed=self.seed,
+                            epoch=self.epoch if epoch is None else epoch, rank=self.rank, world_size=self.world_size)
         return order[:len(self) * self.batch_size] if self.drop_last else order
 
     def __len__(self) -> int:

@@ -2,6 +2,7 @@
 
 from kdcache.storage.encodings import (
     Encoding,
+    LogitErrors,
     default_encoding,
     get_encoding,
     list_encodings,
@@ -10,13 +11,17 @@ from kdcache.storage.encodings import (
     warn_if_loss_needs_full_logits,
 )
 from kdcache.storage.prefetch import SlabPrefetcher
-from kdcache.storage.store import STORE_FORMAT_VERSION, LogitStore, slab_path
+from kdcache.storage.rows import EncodedRows
+from kdcache.storage.store import STORE_FORMAT_VERSION, LogitStore, SlabWriter, slab_path
 
 __all__ = [
+    "EncodedRows",
     "Encoding",
+    "LogitErrors",
     "LogitStore",
     "STORE_FORMAT_VERSION",
     "SlabPrefetcher",
+    "SlabWriter",
     "default_encoding",
     "get_encoding",
     "list_encodings",

@@ -1,11 +1,10 @@
-"""Load the next slab on a background thread while training uses the current one."""
+"""Load the next slabs on a background thread while training uses the current ones."""
 
 from __future__ import annotations
 
 import queue
 import threading
-
-from kdcache.storage.store import LogitStore
+from collections.abc import Callable
 
 
 class _Failure:
@@ -17,17 +16,18 @@ _DONE = object()
 
 
 class SlabPrefetcher:
-    """Iterate `(key, slab)` over `keys` in order, reading up to `depth` slabs ahead.
+    """Iterate `(key, load(*key))` over `keys` in order, loading up to `depth` items ahead
+    (`load` is e.g. `store.slab`, or what puts a slab's encoded rows on the training device).
 
-    At most depth + 2 slabs are in memory: the consumer's, `depth` queued, one loading.
+    At most depth + 2 items are in memory: the consumer's, `depth` queued, one loading.
     A loading error is raised in the consumer at the slab where it happened. Leaving the
     loop early (break, exception) or calling `close()` stops the thread.
     """
 
-    def __init__(self, store: LogitStore, keys: list[tuple[int, str]], depth: int = 1):
+    def __init__(self, load: Callable, keys: list[tuple], depth: int = 1):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self._store = store
+        self._load = load
         self._keys = list(keys)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -49,7 +49,7 @@ class SlabPrefetcher:
     def _load_all(self):
         for key in self._keys:
             try:
-                item = (key, self._store.slab(*key))
+                item = (key, self._load(*key))
             except BaseException as error:  # handed to the consumer, which re-raises it
                 self._put(_Failure(error))
                 return

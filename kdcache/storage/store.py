@@ -30,7 +30,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import __version__
 from kdcache.errors import KdcacheError, first_difference, short_json
 from kdcache.locks import FileLock
-from kdcache.storage.encodings import SAMPLE, TopKEncoding, get_encoding, logit_errors, measure_encoding
+from kdcache.storage.encodings import (SAMPLE, LogitErrors, TopKEncoding, as_torch, block_rows, get_encoding,
+                                       logit_errors, measure_encoding)
+from kdcache.storage.rows import EncodedRows, lookup_table
 
 # 3: top-k values in float16 (were float32).
 # 2: crc32c on every chunk, every chunk written, chunk files listed in the marker.
@@ -382,8 +384,14 @@ class LogitStore:
             folder.mkdir(exist_ok=True)
         return FileLock(folder / f"r{round:05d}-{view}.lock")
 
-    def write_slab(self, round: int, view: str, logits, seeds, stats: dict | None = None):
-        """Write one slab's data, then its completion marker (the slab's only writer).
+    def chunk_rows(self) -> int:
+        """Rows per chunk of every array of a slab: as few chunks as keep each near
+        CHUNK_BYTES of encoded rows and seeds, with balanced row counts."""
+        rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
+        return math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
+
+    def slab_writer(self, round: int, view: str, measure: bool = False) -> SlabWriter:
+        """Start (re)writing one slab, a block of rows at a time (its only writer); see `SlabWriter`.
 
         A slab that is damaged or was interrupted is replaced; a complete one is refused.
         """
@@ -392,6 +400,10 @@ class LogitStore:
         self._check_key(round, view)
         if self.is_complete(round, view, deep=True):
             raise ValueError(f"slab {slab_path(round, view)} is already complete")
+        return SlabWriter(self, round, view, measure)
+
+    def write_slab(self, round: int, view: str, logits, seeds, stats: dict | None = None):
+        """Write one whole slab's data, then its completion marker (the slab's only writer)."""
         logits = _to_numpy_logits(logits)
         seeds = _to_numpy_seeds(seeds)
         shape = (self.num_samples, self.num_classes)
@@ -400,31 +412,12 @@ class LogitStore:
                 f"slab needs logits {shape} and seeds ({shape[0]},), "
                 f"got {logits.shape} and {seeds.shape}"
             )
-        if not np.isfinite(logits).all():
-            raise KdcacheError(
-                f"teacher logits for {slab_path(round, view)} contain NaN or inf; "
-                "check the teacher checkpoint"
-            )
         stats = _as_json(stats or {}, "stats")
-        arrays = {**self._encoding.encode(logits), "seeds": seeds}
-        dimension_names = {**self._encoding.dimension_names, "seeds": (SAMPLE,)}
-
-        rows = max(1, CHUNK_BYTES // (self._encoding.bytes_per_row(self.num_classes) + SEED_BYTES))
-        rows = math.ceil(self.num_samples / math.ceil(self.num_samples / rows))
-        with _writing(self._path):
-            # overwrite=True clears what an interrupted or damaged earlier attempt left behind.
-            group = self._root.create_group(
-                slab_path(round, view), overwrite=True, attributes={"complete": False}
-            )
-            for name, data in arrays.items():
-                # Every chunk is written, even one equal to the fill value, so that a
-                # missing chunk file always means damage.
-                group.create_array(
-                    name, data=data, chunks=(rows,) + data.shape[1:], dimension_names=dimension_names[name],
-                    compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
-                )
-            chunks = _chunk_files(self._path / slab_path(round, view))
-            group.update_attributes({"complete": True, "stats": stats, "chunks": chunks})
+        writer = self.slab_writer(round, view)
+        step = writer.chunk_rows
+        for start in range(0, self.num_samples, step):
+            writer.append(logits[start:start + step], seeds[start:start + step])
+        writer.finish(stats)
 
     def _state(self, round: int, view: str, deep: bool = False) -> tuple[str, str]:
         """("complete", ""), ("missing", "") for a slab not written or interrupted, or
@@ -458,12 +451,28 @@ class LogitStore:
                 return "damaged", _one_line(err)
         return "complete", ""
 
-    def _read(self, group: zarr.Group, names) -> dict[str, np.ndarray]:
-        """Named arrays of a slab group, each checked to have one row per sample."""
-        arrays = {name: group[name][...] for name in names}
-        for name, array in arrays.items():
+    def _read(self, group: zarr.Group, names, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Named arrays of a slab group, each checked to have one row per sample: all rows, or
+        only `rows` (sorted, distinct). Read one chunk at a time, so that beyond the result
+        only one decoded chunk is held."""
+        arrays = {}
+        for name in names:
+            array = group[name]
             if array.shape[:1] != (self.num_samples,):
                 raise ValueError(f"array {name} has shape {array.shape}, expected {self.num_samples} rows")
+            step = array.chunks[0]
+            starts = np.arange(0, self.num_samples, step)
+            if rows is None:
+                out = np.empty(array.shape, array.dtype)
+                for start in starts:
+                    out[start:start + step] = array[start:start + step]
+            else:
+                out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+                bounds = np.searchsorted(rows, np.append(starts, self.num_samples))
+                for start, low, high in zip(starts, bounds[:-1], bounds[1:]):
+                    if low < high:
+                        out[low:high] = array[start:start + step][rows[low:high] - start]
+            arrays[name] = out
         return arrays
 
     def is_complete(self, round: int, view: str, deep: bool = False) -> bool:
@@ -504,23 +513,43 @@ class LogitStore:
             )
         return self._root[slab_path(round, view)]
 
-    def _read_slab(self, round: int, view: str, names) -> dict[str, np.ndarray]:
-        """Arrays of a complete slab; a read failure (e.g. a checksum) names the slab."""
+    def _read_slab(self, round: int, view: str, names, rows=None) -> dict[str, np.ndarray]:
+        """Arrays of a complete slab (only `rows` when given); a read failure (e.g. a
+        checksum) names the slab."""
+        rows = self._check_rows(rows)
         group = self._complete_group(round, view)
         try:
-            return self._read(group, names)
+            return self._read(group, names, rows)
         except _READ_ERRORS as err:
             raise self.damaged_error(round, view, _one_line(err)) from None
 
-    def slab(self, round: int, view: str) -> torch.Tensor:
-        """The whole slab's decoded logits, float32 [N, C], in memory."""
-        arrays = self._read_slab(round, view, self._encoding.array_names)
-        return torch.from_numpy(self._encoding.decode(arrays, self.num_classes))
+    def _check_rows(self, rows) -> np.ndarray | None:
+        if rows is None:
+            return None
+        rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (
+                len(rows) and (rows[0] < 0 or rows[-1] >= self.num_samples or (np.diff(rows) <= 0).any())):
+            raise KdcacheError(f"rows must be sorted, distinct sample indices in 0..{self.num_samples - 1}; "
+                               "sort them and drop repeats (np.unique)")
+        return rows.astype(np.int64)
 
-    def seeds(self, round: int, view: str) -> torch.Tensor:
-        """The slab's view seeds as int64 holding the uint64 bit patterns."""
-        seeds = self._read_slab(round, view, ("seeds",))["seeds"]
-        return torch.from_numpy(seeds.view(np.int64))
+    def slab_rows(self, round: int, view: str, rows=None) -> EncodedRows:
+        """The slab's rows still encoded, all of them or only `rows` (sorted, distinct sample
+        indices), in memory: what training holds, decoding a batch's rows when it needs them."""
+        rows = self._check_rows(rows)
+        arrays = self._read_slab(round, view, self._encoding.array_names, rows)
+        return EncodedRows(self._encoding, self.num_classes, {k: as_torch(a) for k, a in arrays.items()},
+                           None if rows is None else lookup_table(torch.from_numpy(rows), self.num_samples))
+
+    def slab(self, round: int, view: str, rows=None) -> torch.Tensor:
+        """The slab's decoded logits, float32 [N, C] (or [len(rows), C] for sorted, distinct
+        sample indices `rows`), in memory."""
+        arrays = self._read_slab(round, view, self._encoding.array_names, rows)
+        return self._encoding.decode(arrays, self.num_classes)
+
+    def seeds(self, round: int, view: str, rows=None) -> torch.Tensor:
+        """The slab's view seeds (only `rows` when given) as int64 holding the uint64 bit patterns."""
+        return as_torch(self._read_slab(round, view, ("seeds",), rows)["seeds"])
 
     def slab_stats(self, round: int, view: str) -> dict:
         return dict(self._complete_group(round, view).attrs["stats"])
@@ -568,3 +597,69 @@ class LogitStore:
         source when given, else the decoded stored slab (then relative to the store)."""
         source = self.slab(round, view) if reference_logits is None else reference_logits
         return measure_encoding(source, encoding)
+
+
+class SlabWriter:
+    """Writes one slab a block of rows at a time, in sample order, then its marker.
+
+    Made by `LogitStore.slab_writer`, which has already cleared what an interrupted or
+    damaged attempt left. `append` encodes and writes the next rows: appending
+    `chunk_rows` rows at a time writes each chunk once, so the writer and its caller
+    hold one chunk of float32 logits, never the slab. Until `finish` marks it complete the
+    slab is ignored by readers and redone by precompute. With `measure`, `errors`
+    accumulates the encoding's error on every row written (what precompute records).
+    """
+
+    def __init__(self, store: LogitStore, round: int, view: str, measure: bool = False):
+        self._store, self._path = store, slab_path(round, view)
+        self._encoding = store._encoding
+        self.chunk_rows = store.chunk_rows()
+        self.rows = 0
+        self.errors = LogitErrors() if measure else None
+        self._arrays: dict[str, zarr.Array] = {}
+        with _writing(store.path):
+            # overwrite=True clears what an interrupted or damaged earlier attempt left behind.
+            self._group = store._root.create_group(self._path, overwrite=True, attributes={"complete": False})
+
+    def append(self, logits, seeds) -> None:
+        """Encode and write the next rows: float32 logits [n, C] and their int64/uint64 seeds [n]."""
+        logits, seeds = _to_numpy_logits(logits), _to_numpy_seeds(seeds)
+        n, total, num_classes = len(logits), self._store.num_samples, self._store.num_classes
+        if logits.shape != (n, num_classes) or seeds.shape != (n,) or self.rows + n > total:
+            raise ValueError(f"slab {self._path} has {total} rows of {num_classes} logits, {self.rows} written; "
+                             f"got logits {logits.shape} and seeds {seeds.shape}")
+        blocks = []
+        for start in range(0, n, block_rows(num_classes)):
+            block = logits[start:start + block_rows(num_classes)]
+            if not np.isfinite(block).all():
+                raise KdcacheError(f"teacher logits for {self._path} contain NaN or inf; check the teacher checkpoint")
+            blocks.append(self._encoding.encode(block))
+            if self.errors is not None:
+                self.errors.add(block, self._encoding.decode(blocks[-1], num_classes))
+        arrays = {name: np.concatenate([b[name] for b in blocks]) for name in self._encoding.array_names}
+        with _writing(self._store.path):
+            for name, data in {**arrays, "seeds": seeds}.items():
+                self._array(name, data)[self.rows:self.rows + n] = data
+        self.rows += n
+
+    def _array(self, name: str, data: np.ndarray) -> zarr.Array:
+        """The slab's array `name`, created on the first rows written (their dtype and width)."""
+        if name not in self._arrays:
+            dimension_names = {**self._encoding.dimension_names, "seeds": (SAMPLE,)}[name]
+            # Every chunk is written, even one equal to the fill value, so that a
+            # missing chunk file always means damage.
+            self._arrays[name] = self._group.create_array(
+                name, shape=(self._store.num_samples, *data.shape[1:]), dtype=data.dtype,
+                chunks=(self.chunk_rows, *data.shape[1:]), dimension_names=dimension_names,
+                compressors=(ZstdCodec(level=3), Crc32cCodec()), config={"write_empty_chunks": True},
+            )
+        return self._arrays[name]
+
+    def finish(self, stats: dict | None = None) -> None:
+        """Mark the slab complete, with `stats` and its chunk files, once every row is written."""
+        if self.rows != self._store.num_samples:
+            raise ValueError(f"slab {self._path} has {self.rows} of {self._store.num_samples} rows written")
+        stats = _as_json(stats or {}, "stats")
+        with _writing(self._store.path):
+            chunks = _chunk_files(self._store.path / self._path)
+            self._group.update_attributes({"complete": True, "stats": stats, "chunks": chunks})
