@@ -20,6 +20,7 @@ def demo_cmd(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where data, teacher, store and runs go (default: $KDCACHE_HOME/demo).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Use this prepared dataset instead of Fashion-MNIST.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Train each student with seeds 0..N-1 and report mean ± std (default: the plan's; 1 for --quick and --full). One seed measures no spread.")] = None,
 ) -> None:
     """Train a teacher, cache its logits once, distil students with crld, cmkd and kd from the
     cache (plus an online crld run and a CE baseline), and print a comparison table.
@@ -31,7 +32,7 @@ def demo_cmd(
     """
     if quick and full:
         raise KdcacheError("choose one of --quick and --full")
-    plan = plan_for(quick, full)
+    plan = plan_for(quick, full, seeds)
     cifar100 = default_data_dir("cifar100")
     if data is None and full and (cifar100 / "meta.json").exists():
         data = cifar100
