@@ -165,7 +165,9 @@ def reading(summary: dict[str, Any]) -> str:
     agree = f"cached vs online CRLD {gap:+.2f} points, {verdict} the seed spread ({spread:.2f})"
     gains = {r["run"]: compare(r, by_name["ce"]) for r in summary["students"] if r["teacher"] == "cached"}
     beat = [name for name, (gain, _, verdict) in gains.items() if verdict == "beyond" and gain > 0]
-    kd = (f"{', '.join(beat)} beat CE beyond the spread" if beat else "no loss beat CE beyond the spread") + " ("
+    below = [name for name, (gain, _, verdict) in gains.items() if verdict == "beyond" and gain < 0]
+    kd = f"{', '.join(beat)} beat CE beyond the spread" if beat else "no loss beat CE beyond the spread"
+    kd += (f", {', '.join(below)} fell below it" if below else "") + " ("
     kd += ", ".join(f"{name} {gain:+.2f}/{spread:.2f}" for name, (gain, spread, _) in gains.items()) + " gain/spread)"
     return f"reading: {speed}; {agree}; {kd}"
 
