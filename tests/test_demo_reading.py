@@ -29,7 +29,7 @@ def test_a_gain_larger_than_both_spreads_reads_as_beyond_the_spread():
     assert line.startswith("reading: cached CRLD 2.04x faster per epoch than online;")
     assert "cached vs online CRLD +0.20 points, within the seed spread (0.50)" in line
     assert "kd, crld beat CE beyond the spread (" in line  # 1.0 > 0.7 and 0.9 > 0.5; cmkd's 0.2 < 0.8 is not
-    assert "cmkd +0.20/0.80" in line
+    assert "cmkd +0.20 vs 0.80" in line
 
 
 def test_gains_inside_the_spread_read_as_noise():
@@ -42,7 +42,7 @@ def test_gains_inside_the_spread_read_as_noise():
 def test_a_loss_far_below_ce_is_not_reported_as_beating_it():
     line = make_summary({"ce": (80.0, 0.1), "kd": (75.0, 0.1), "cmkd": (74.0, 0.1), "crld": (76.0, 0.1),
                          "crld-online": (76.1, 0.1)})["reading"]
-    assert "no loss beat CE beyond the spread, kd, cmkd, crld fell below it" in line and "kd -5.00/0.20" in line
+    assert "no loss beat CE beyond the spread, kd, cmkd, crld fell below it" in line and "kd -5.00 vs 0.20" in line
 
 
 def test_one_seed_gives_no_verdict_on_accuracy():
