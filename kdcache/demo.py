@@ -177,13 +177,14 @@ def reading(summary: dict[str, Any]) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing table (final top-1 as mean ± std over seeds) and its reading."""
     plan, teacher, store = summary["plan"], summary["teacher"], summary["store"]
+    seeds = f"{plan['seeds']} seed" + ("s" if plan["seeds"] > 1 else "")
     lines = [
         f"kdcache demo ({plan['name']}) on {summary['device']}, data {summary['data']}",
         f"teacher {teacher['model']}: test top-1 {teacher['test_top1']:.2f}%",
         f"store: {store['slabs']} slabs, {store['size_on_disk_bytes'] / 2**20:.1f} MiB on disk, "
         f"{store['bytes_per_view_sample']} bytes per view-sample",
         "",
-        f"{'student ' + plan['student']:<20}{'teacher':>8}{'final top-1 (' + str(plan['seeds']) + ' seeds)':>24}"
+        f"{'student ' + plan['student']:<20}{'teacher':>8}{'final top-1 (' + seeds + ')':>24}"
         f"{'best top-1':>12}{'s/epoch':>10}",
     ]
     for r in summary["students"]:

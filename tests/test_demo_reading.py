@@ -47,10 +47,11 @@ def test_a_loss_far_below_ce_is_not_reported_as_beating_it():
 
 def test_one_seed_gives_no_verdict_on_accuracy():
     summary = make_summary({name: (80.0, None) for name in ("ce", "kd", "cmkd", "crld", "crld-online")})
+    summary["plan"]["seeds"] = 1
     assert "one seed per student measures no spread" in summary["reading"]
     assert "beyond" not in summary["reading"] and "within" not in summary["reading"]
     table = format_summary(summary)
-    assert table.splitlines()[-2] == summary["reading"] and "±" not in table
+    assert table.splitlines()[-2] == summary["reading"] and "±" not in table and "(1 seed)" in table
 
 
 def test_table_shows_mean_and_std_and_ends_with_the_reading():
