@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {err}", err=True)
         sys.exit(1)
     except _Interrupted:
+        # Ctrl-C can land inside a zarr call between making a coroutine and running it; the
+        # "never awaited" warning that coroutine gives at exit would follow the one line.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         typer.echo("interrupted" + (f"; {_interrupt_hint}" if _interrupt_hint else ""), err=True)
         sys.exit(130)
     finally:
