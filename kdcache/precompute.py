@@ -283,7 +283,9 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
     dev = pick_device(device)
     teacher = prepare_model(load_teacher(ident["teacher"], ckpt, store.num_classes, trusted), dev)
     replayer = replayer_for(store)
-    images = load_split(data_dir, "train")[0]
+    # Images of their own sizes are not held: the checked views are cut at decode time.
+    crops = make_loader(data_dir, "train", batch_size, shuffle=False, replayer=replayer) if meta.own_size else None
+    images = None if meta.own_size else load_split(data_dir, "train")[0]
     n = store.num_samples
     # Distinct (slab, row) picks, without materialising all len(complete) * n of them.
     total = len(complete) * n
@@ -299,8 +301,13 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
         stats = store.slab_stats(round_, slot)
         precision = run_precision(stats.get("precision", "fp32"), dev)
         bound = stats.get("max_abs_error", 0.0) + (VERIFY_TOLERANCE[precision] if tolerance is None else tolerance)
-        fresh = torch.cat([_teacher_logits(teacher, replayer, (round_, slot), images[part], part, precision)
-                           for part in idx.split(batch_size)])
+        if crops is None:
+            batches = ((images[part], part) for part in idx.split(batch_size))
+        else:
+            crops.set_views(round_, (slot,))
+            batches = ((views, part.cpu()) for views, _, part in crops.batches_of(idx.numpy()))
+        fresh = torch.cat([_teacher_logits(teacher, replayer, (round_, slot), views, part, precision)
+                           for views, part in batches])
         diff = (stored - fresh).abs().amax(dim=1)
         max_diff = max(max_diff, float(diff.max()))
         sum_diff += float((stored - fresh).abs().mean(dim=1).sum())
@@ -316,9 +323,11 @@ def verify(store_path: Path, ckpt: Path, data_dir: Path, samples: int = 512, tol
 @torch.no_grad()
 def _teacher_logits(teacher: nn.Module, replayer: ViewReplayer, key: tuple[int, str], images: torch.Tensor,
                     indices: torch.Tensor, precision: str) -> torch.Tensor:
-    """Teacher logits (float32, on CPU) for the views `key` x `indices` of uint8 `images`."""
+    """Teacher logits (float32, on CPU) for the views `key` x `indices` of uint8 `images`
+    (or of `CropLoader`'s {slot: crops})."""
     device = next(teacher.parameters()).device
     indices = indices.to(device)
-    views = replayer(*key, images.to(device), indices)
+    images = {k: v.to(device) for k, v in images.items()} if isinstance(images, dict) else images.to(device)
+    views = replayer(*key, images, indices)
     with autocast(device, precision):
         return teacher(to_model_input(views)).float().cpu()

@@ -66,7 +66,7 @@ def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Te
     beton = open_split(data_dir, split)
     if beton.own_size:
         raise KdcacheError(f"{beton.path} holds images of their own sizes, which do not stack into one tensor: "
-                           "`kdcache verify`, `views show` and StoreDataset do not read such data yet (training, "
+                           "`kdcache views show` and StoreDataset do not read such data yet (training, verify, "
                            "precompute and eval do); in Python use make_loader(..., replayer=...)")
     return _read_split(beton)
 
@@ -190,7 +190,8 @@ class FfcvLoader(_Batches):
         if key not in self._loaders:
             self._loaders[key] = Loader(
                 str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS, order=OrderOption.SEQUENTIAL,
-                indices=order, drop_last=False, os_cache=True,
+                # every sample: ffcv keeps a pass to its first order's length, and later orders may be longer
+                indices=np.arange(self.num_samples), drop_last=False, os_cache=True,
                 pipelines={"image": [*image_ops(), ToTensor()], "label": [IntDecoder(), ToTensor()],
                            "index": [IntDecoder(), ToTensor()]})
         loader = self._loaders[key]
@@ -265,9 +266,13 @@ class CropLoader(FfcvLoader):
         return (str(self.path.resolve()), self.batch_size, len(self.slots), self.size)
 
     def __iter__(self):
+        return self.batches_of(self.order())
+
+    def batches_of(self, order: np.ndarray):
+        """The batches of the samples `order` (int64 indices), in that order, instead of the
+        epoch's: `kdcache verify` recomputes a few stored views this way."""
         from kdcache.data.decode import crop_decoder
 
-        order = self.order()
         table = self._boxes(order)
         for images, labels, indices in self._ffcv_batches(order, self._key(), lambda: [crop_decoder(table, self.size)]):
             # [B, V, S, S, 3] -> one contiguous [B, 3, S, S] per slot
