@@ -439,3 +439,19 @@ def test_jpeg_beton_of_own_sized_images_keeps_each_size(tmp_path):
     meta.save(tmp_path)
     with pytest.raises(KdcacheError, match="image_shape must be"):
         DatasetMeta.load(tmp_path)
+
+
+def test_ffcv_leaves_torchs_thread_count_alone(tmp_path):
+    """ffcv sets torch's thread count process-wide (1 on import, num_workers per pass): a
+    demo that prepared its data first then trained with 1 thread, slower and to other bits
+    than a run that reused the data. Preparing and loading must keep the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        prepare_dataset("digits", tmp_path / "d", max_train=200, max_test=50)
+        assert torch.get_num_threads() == 3
+        for i, _ in enumerate(make_loader(tmp_path / "d", "train", 64, shuffle=True, backend="ffcv")):
+            assert torch.get_num_threads() == 3
+        assert i == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -19,6 +19,7 @@ pixels never depend on which JPEG decoder a machine happens to have.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +44,34 @@ SAMPLE_META = np.dtype([("", IMAGE_META), ("", "<i8"), ("", "<i8")], align=True)
 JPEG_QUALITY = 90
 
 
+@contextmanager
+def torch_threads_kept():
+    """ffcv sets torch's thread count for the whole process (to 1 when its compiler module is
+    first imported, to a Loader's num_workers on every pass): a run's speed and its bits
+    must not depend on whether ffcv ran before, so every use of ffcv goes through this."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_beton(path: Path, samples, *, jpeg: bool, num_workers: int, page_size: int = PAGE_SIZE,
                 chunksize: int = 1000) -> None:
     """Writes `samples` (indexable, len N, item i = (uint8 HWC RGB image, label, i)) to `path`.
     ffcv's workers call `samples[i]` themselves, so images may be loaded one at a time there;
     a worker that raises leaves ffcv's writer waiting forever, so `samples` must not raise.
     Every stored image must fit in one page of `page_size` bytes."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    with torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
-    fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=JPEG_QUALITY),
-              "label": IntField(), "index": IntField()}
-    writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
-    writer.from_indexed_dataset(samples, chunksize=chunksize)
+        fields = {"image": RGBImageField(write_mode="jpg" if jpeg else "raw", jpeg_quality=JPEG_QUALITY),
+                  "label": IntField(), "index": IntField()}
+        writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
+        writer.from_indexed_dataset(samples, chunksize=chunksize)
 
 
 class ArraySamples:

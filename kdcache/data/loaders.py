@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.data.beton import BetonFile
+from kdcache.data.beton import BetonFile, torch_threads_kept
 from kdcache.data.meta import DatasetMeta
 from kdcache.errors import KdcacheError, warn_once
 
@@ -115,7 +115,8 @@ def make_loader(data_dir: str | Path, split: str, batch_size: int, *, shuffle: b
 
 def _has_ffcv() -> bool:
     try:
-        import ffcv  # noqa: F401
+        with torch_threads_kept():
+            import ffcv  # noqa: F401
     except ImportError:
         return False
     return True
@@ -183,22 +184,27 @@ class FfcvLoader(_Batches):
     def _ffcv_batches(self, order: np.ndarray, key, image_ops):
         """(images, labels, indices) of `order` from the Loader `key` (built on first use with
         the image pipeline `image_ops()`); only labels and indices are cloned."""
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import ToTensor
+        with torch_threads_kept():
+            from ffcv.fields.basics import IntDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.transforms import ToTensor
 
         if key not in self._loaders:
-            self._loaders[key] = Loader(
-                str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS, order=OrderOption.SEQUENTIAL,
-                # every sample: ffcv keeps a pass to its first order's length, and later orders may be longer
-                indices=np.arange(self.num_samples), drop_last=False, os_cache=True,
-                pipelines={"image": [*image_ops(), ToTensor()], "label": [IntDecoder(), ToTensor()],
-                           "index": [IntDecoder(), ToTensor()]})
+            with torch_threads_kept():
+                self._loaders[key] = Loader(
+                    str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS,
+                    order=OrderOption.SEQUENTIAL,
+                    # every sample: ffcv keeps a pass to its first order's length, and later orders may be longer
+                    indices=np.arange(self.num_samples), drop_last=False, os_cache=True,
+                    pipelines={"image": [*image_ops(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                               "index": [IntDecoder(), ToTensor()]})
         loader = self._loaders[key]
         loader.traversal_order.indices = order
         expected = torch.from_numpy(order)
         start = 0
-        for images, labels, indices in loader:
+        with torch_threads_kept():
+            batches = iter(loader)
+        for images, labels, indices in batches:
             # ffcv reuses its output buffers: every tensor kept is a clone.
             indices = indices.reshape(-1).clone()
             if not torch.equal(indices, expected[start:start + len(indices)]):
