@@ -68,7 +68,7 @@ class CachedTeacher:
 
     def visit(self, rows_of: Callable[[int], np.ndarray]) -> None:
         """Hold only the rows `rows_of(epoch)` lists in each epoch (sample indices in any
-        order, repeats allowed: e.g. the loader's `order`). Called from the prefetch thread."""
+        order, repeats allowed: e.g. the loader's `order`); the prefetch thread calls `rows_of`."""
         self.close()
         self._rows_of, self._slabs, self._loaded = rows_of, {}, None
 

@@ -184,13 +184,12 @@ class FfcvLoader(_Batches):
     def _ffcv_batches(self, order: np.ndarray, key, image_ops):
         """(images, labels, indices) of `order` from the Loader `key` (built on first use with
         the image pipeline `image_ops()`); only labels and indices are cloned."""
-        with torch_threads_kept():
-            from ffcv.fields.basics import IntDecoder
-            from ffcv.loader import Loader, OrderOption
-            from ffcv.transforms import ToTensor
-
         if key not in self._loaders:
             with torch_threads_kept():
+                from ffcv.fields.basics import IntDecoder
+                from ffcv.loader import Loader, OrderOption
+                from ffcv.transforms import ToTensor
+
                 self._loaders[key] = Loader(
                     str(self.path), batch_size=self.batch_size, num_workers=FFCV_THREADS,
                     order=OrderOption.SEQUENTIAL,

@@ -42,16 +42,19 @@ class EncodedRows:
     def pin_memory(self) -> EncodedRows:
         return self._map(lambda a: a.pin_memory())
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every tensor held: the encoded arrays and the lookup table."""
+        return [*self.arrays.values(), *([] if self.position is None else [self.position])]
+
     def record_stream(self, stream) -> None:
         """Tell the CUDA allocator that `stream` uses these tensors (made on another stream)."""
-        for tensor in (*self.arrays.values(), *([] if self.position is None else [self.position])):
+        for tensor in self._tensors():
             tensor.record_stream(stream)
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the encoded arrays and the lookup table."""
-        tensors = [*self.arrays.values(), *([] if self.position is None else [self.position])]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def logits(self, indices: torch.Tensor) -> torch.Tensor:
         """float32 [B, C] logits of the samples `indices` (on this device; all among the rows held)."""
