@@ -385,8 +385,10 @@ def test_truncated_beton_and_bad_loader_arguments(small_dir, tmp_path):
         load_split(tmp_path, "train")
 
 
-def test_raw_betons_load_without_ffcv(small_dir, monkeypatch):
+def test_raw_betons_prepare_and_load_without_ffcv(small_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # the GPU machine has no ffcv
+    meta = prepare_dataset("digits", tmp_path / "digits", size=16)
+    assert meta.image_encoding == "raw" and load_split(tmp_path / "digits", "test")[0].shape == (359, 3, 16, 16)
     images, labels = load_split(small_dir, "train")
     loader = make_loader(small_dir, "train", 8, shuffle=True)
     assert isinstance(loader, MemoryLoader) and images.shape == (103, 3, 6, 6) and len(labels) == 103
@@ -455,3 +457,37 @@ def test_ffcv_leaves_torchs_thread_count_alone(tmp_path):
         assert i == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (40, 24)])
+def test_raw_beton_is_ffcvs_single_worker_file_byte_for_byte(tmp_path, shape):
+    """kdcache writes raw betons itself (no ffcv needed); the file is the one ffcv's writer
+    makes, over several pages and a page of 2 MiB with a part-filled last page."""
+    from kdcache.data.beton import ArraySamples, BetonFile, torch_threads_kept, write_raw_beton
+
+    rng = np.random.default_rng(3)
+    per_page = (1 << 21) // (3 * shape[0] * shape[1])
+    n = 2 * per_page + 17
+    images = rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+    samples = ArraySamples(images, rng.integers(0, 100, n))
+    write_raw_beton(tmp_path / "ours.beton", samples)
+    with torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
+
+        DatasetWriter(str(tmp_path / "ffcv.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField(),
+                                                     "index": IntField()},
+                      page_size=1 << 21, num_workers=1).from_indexed_dataset(samples, chunksize=1000)
+    assert (tmp_path / "ours.beton").read_bytes() == (tmp_path / "ffcv.beton").read_bytes()
+    back = BetonFile(tmp_path / "ours.beton").read_raw_images()
+    assert np.array_equal(back, images.transpose(0, 3, 1, 2))
+
+
+def test_raw_beton_refuses_mixed_sizes_and_oversized_images(tmp_path):
+    from kdcache.data.beton import ArraySamples, write_raw_beton
+
+    mixed = [(np.zeros((8, 8, 3), np.uint8), 0, 0), (np.zeros((8, 9, 3), np.uint8), 0, 1)]
+    with pytest.raises(KdcacheError, match="sample 1 is uint8 \\(8, 9, 3\\)"):
+        write_raw_beton(tmp_path / "a.beton", mixed)
+    with pytest.raises(KdcacheError, match="does not fit a page"):
+        write_raw_beton(tmp_path / "b.beton", ArraySamples(np.zeros((1, 1024, 1024, 3), np.uint8), np.zeros(1)))

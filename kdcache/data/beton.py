@@ -1,15 +1,17 @@
 """The .beton files kdcache writes (fields image, label, index) and a numpy reader for them.
 
-Writing goes through ffcv's DatasetWriter. Reading raw-image betons needs no ffcv: the
-layout below mirrors ffcv 1.0.2's `ffcv/types.py` and `ffcv/reader.py` (format version 2),
-so machines without ffcv (the GPU machine) can still load a split into memory:
+JPEG betons are written by ffcv's DatasetWriter. Raw-image betons need no ffcv, to write or
+to read: the layout below mirrors ffcv 1.0.2's `ffcv/types.py`, `ffcv/writer.py` and
+`ffcv/reader.py` (format version 2), so machines without ffcv (a GPU box where it will not
+build) can still prepare CIFAR-sized data and load a split into memory:
 
     header      version u2, num_fields u2, page_size u4, num_samples u8, alloc_table_ptr u8
     fields      num_fields x (type_id u1, name u1[16], arguments u1[1024])
     metadata    num_samples x aligned struct of each field's metadata, in field order;
                 RGBImageField: (mode u1, width u2, height u2, data_ptr u8) packed,
                 IntField: i8
-    data pages  raw images: H*W*3 bytes, HWC RGB, at data_ptr
+    data pages  from the first page boundary after the metadata, whole pages of page_size
+                bytes; raw images: H*W*3 bytes, HWC RGB, at data_ptr, never across pages
     alloc table (sample_id u8, ptr u8, size u8) per allocation, at alloc_table_ptr
 
 JPEG-encoded betons are decoded with ffcv itself (see `kdcache.data.loaders`), so the
@@ -61,9 +63,12 @@ def torch_threads_kept():
 def write_beton(path: Path, samples, *, jpeg: bool, num_workers: int, page_size: int = PAGE_SIZE,
                 chunksize: int = 1000) -> None:
     """Writes `samples` (indexable, len N, item i = (uint8 HWC RGB image, label, i)) to `path`.
-    ffcv's workers call `samples[i]` themselves, so images may be loaded one at a time there;
-    a worker that raises leaves ffcv's writer waiting forever, so `samples` must not raise.
-    Every stored image must fit in one page of `page_size` bytes."""
+    JPEG: ffcv's workers call `samples[i]` themselves, so images may be loaded one at a time
+    there; a worker that raises leaves ffcv's writer waiting forever, so `samples` must not
+    raise. Raw: written here, in one process. Every stored image must fit in one page."""
+    if not jpeg:
+        write_raw_beton(path, samples, page_size)
+        return
     with torch_threads_kept():
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
@@ -72,6 +77,50 @@ def write_beton(path: Path, samples, *, jpeg: bool, num_workers: int, page_size:
                   "label": IntField(), "index": IntField()}
         writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
         writer.from_indexed_dataset(samples, chunksize=chunksize)
+
+
+def write_raw_beton(path: Path, samples, page_size: int = PAGE_SIZE) -> None:
+    """The file ffcv's DatasetWriter writes with one worker and RGBImageField(write_mode="raw"),
+    byte for byte (tested), without ffcv: images are packed into whole pages in index order,
+    a new page begun when the next image would not fit."""
+    n = len(samples)
+    first = samples[0][0] if n else None
+    if first is None or first.ndim != 3 or first.shape[2] != 3:
+        raise KdcacheError(f"{path.name}: raw betons need uint8 HWC RGB images and at least one sample")
+    height, width = first.shape[:2]
+    nbytes = height * width * 3
+    if nbytes > page_size:
+        raise KdcacheError(f"{path.name}: a {height}x{width} image ({nbytes} bytes) does not fit a page of {page_size}")
+    per_page = page_size // nbytes
+    fields = np.zeros(len(FIELDS), dtype=FIELD_DESC)
+    for desc, name, type_id in zip(fields, FIELDS, (TYPE_RGB_IMAGE, TYPE_INT, TYPE_INT)):
+        desc["type_id"] = type_id
+        desc["name"][:len(name)] = np.frombuffer(name.encode("ascii"), dtype="<u1")
+    meta = np.zeros(n, dtype=SAMPLE_META)
+    data_start = HEADER.itemsize + fields.nbytes + meta.nbytes
+    data_start += -data_start % page_size
+    slots = np.arange(n, dtype=np.int64)
+    ptrs = data_start + (slots // per_page) * page_size + (slots % per_page) * nbytes
+    table = np.zeros((n, 3), dtype="<u8")
+    table[:, 0], table[:, 1], table[:, 2] = slots, ptrs, nbytes
+    page = np.zeros(page_size, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.seek(data_start)
+        for start in range(0, n, per_page):
+            page.fill(0)
+            for k, i in enumerate(range(start, min(start + per_page, n))):
+                image, label, index = samples[i]
+                if image.shape != first.shape or image.dtype != np.uint8:
+                    raise KdcacheError(f"{path.name}: sample {i} is {image.dtype} {image.shape}, not uint8 {first.shape}")
+                page[k * nbytes:(k + 1) * nbytes] = np.ascontiguousarray(image).reshape(-1)
+                meta[i] = ((MODE_RAW, width, height, ptrs[i]), label, index)
+            f.write(page.tobytes())
+        table_ptr = f.tell()
+        f.write(table.tobytes())
+        header = np.zeros(1, dtype=HEADER)
+        header[0] = (FORMAT_VERSION, len(FIELDS), page_size, n, table_ptr)
+        f.seek(0)
+        f.write(header.tobytes() + fields.tobytes() + meta.tobytes())
 
 
 class ArraySamples:
