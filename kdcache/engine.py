@@ -228,6 +228,8 @@ def train_batch(trainees: list[Trainee], round_: int, images: torch.Tensor, labe
     logits looked up (or computed) once, then each student's SGD step. No host sync."""
     job = trainees[0].job
     replayer, device, teacher = job.replayer, job.device, shared_teacher(trainees)
+    if job.compile == "cudagraphs":  # the last step's graph outputs (views, stats) are free to overwrite
+        torch.compiler.cudagraph_mark_step_begin()
     slots = dict.fromkeys(slot for t in trainees for slot in t.job.loss.views)
     views = {slot: replay(replayer, slot, replayer.key_prefix(round_, slot, device), images, indices) for slot in slots}
     teacher_logits = None

@@ -81,7 +81,13 @@ class ViewReplayer:
         key = (round_, slot, device)
         if key not in self._prefixes:
             self._prefixes[key] = key_prefix(self.store_seed, round_, self._slot_id(slot), device)
+            self._normalization(device)  # made here, outside a compiled step (CUDA graphs reuse their outputs)
         return self._prefixes[key]
+
+    def _normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._constants:
+            self._constants[device] = (channel_constants(self.mean, device), channel_constants(self.std, device))
+        return self._constants[device]
 
     def seeds(self, round_: int, slot: str, indices: torch.Tensor) -> torch.Tensor:
         return seeds_from_prefix(self.key_prefix(round_, slot, indices.device), indices)
@@ -100,10 +106,7 @@ class ViewReplayer:
             views = self.policies[slot].finish(images, seeds, dense=self.dense)
         else:
             views = self.policies[slot](images, seeds, dense=self.dense)
-        if images.device not in self._constants:
-            self._constants[images.device] = (channel_constants(self.mean, images.device),
-                                              channel_constants(self.std, images.device))
-        return normalize(views, *self._constants[images.device])
+        return normalize(views, *self._normalization(images.device))
 
 
 def replayer_for(store) -> ViewReplayer:
