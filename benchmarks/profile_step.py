@@ -6,13 +6,14 @@ Same synthetic data and models as bench_gpu.py (resnet32x4 -> resnet8x4, CIFAR-1
 For each --compile mode and batch size it times, each alone after warm-up (ms, host clock
 around `--reps` calls, then one device sync): replaying the weak and the strong view, the
 cached teacher's look-up of both, the student's step (forward, loss, backward, SGD), and
-the whole `train_batch`; then the share of the whole step the GPU is busy (kernel time
+the whole `train_batch` (on one batch, and on a new batch each call); then the share of the whole step the GPU is busy (kernel time
 from torch.profiler over wall time: far under 1 means launch-bound) and the top kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 job = jobs_for(work / "data", store.path, ckpt, device, "crld", "cached", batch_size, compile_mode)[0]
                 trainee, teacher, replayer = Trainee(job, DistContext()), job.teacher, job.replayer
                 loader = make_loader(work / "data", "train", batch_size, shuffle=True, device=device, drop_last=True)
-                images, labels, indices = next(iter(loader))
+                batches = [tuple(t.clone() for t in batch) for batch in loader][:args.reps + 3]
+                images, labels, indices = batches[0]
+                rotation = itertools.cycle(batches)
                 round_ = teacher.begin_epoch(0)
                 trainee.begin_epoch(0)
                 prefixes = {s: replayer.key_prefix(round_, s, device) for s in ("weak", "strong")}
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                     "teacher look-up": lookup,
                     "student step": lambda: trainee.step(views, logits, labels, 0),
                     "whole step": lambda: train_batch([trainee], round_, images, labels, indices, 0, replay),
+                    "whole step, new batch": lambda: train_batch([trainee], round_, *next(rotation), 0, replay),
                 }
                 if compile_mode == "cudagraphs":
                     parts = {name: (lambda fn=fn: (torch.compiler.cudagraph_mark_step_begin(), fn()))

@@ -41,7 +41,7 @@ class DistillConfig:
     device: str | None = None
     backend: str = "auto"
     show_progress: bool = True
-    compile: str = "off"  # off | on | cudagraphs (see engine.COMPILE_MODES)
+    compile: str = "auto"  # auto (on for CUDA, off elsewhere) | off | on | cudagraphs (see engine.COMPILE_MODES)
 
 
 def find_store(meta: DatasetMeta, views: tuple[str, ...]) -> Path:
@@ -81,13 +81,15 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
         for name in _SHARED_FIELDS:
             if getattr(other, name) != getattr(cfg, name):
                 raise KdcacheError(f"students trained in one pass need the same {name}")
-    if cfg.compile not in COMPILE_MODES:
-        raise KdcacheError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got '{cfg.compile}'")
+    if cfg.compile != "auto" and cfg.compile not in COMPILE_MODES:
+        raise KdcacheError(f"--compile must be auto or one of {', '.join(COMPILE_MODES)}, got '{cfg.compile}'")
     meta = DatasetMeta.load(cfg.data_dir)
     losses = [get_loss(c.loss, **c.recipe.loss_params) for c in cfgs]
     views = tuple(dict.fromkeys(v for loss in losses for v in loss.views))
     needs_teacher = any(loss.needs_teacher for loss in losses)
     device = pick_device(cfg.device)
+    # Compiled is twice eager's speed on an H100 (docs/benchmarks.md); a CPU would pay the compile for little.
+    compile_mode = ("on" if device.type == "cuda" else "off") if cfg.compile == "auto" else cfg.compile
     if cfg.recipe.precision == "bf16" and device.type != "cuda":
         raise KdcacheError(f"--precision bf16 runs on CUDA only; on {device} use --precision fp32")
     info: dict[str, Any] = {"teacher_mode": cfg.teacher_mode if needs_teacher else "none"}
@@ -120,7 +122,7 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
         jobs.append(TrainJob(student=student, student_name=c.student, loss=loss, replayer=replayer,
                              teacher=teacher if loss.needs_teacher else None, data_dir=Path(cfg.data_dir), meta=meta,
                              recipe=c.recipe, run_dir=Path(c.out), device=device, info=job_info,
-                             backend=cfg.backend, show_progress=cfg.show_progress, compile=cfg.compile))
+                             backend=cfg.backend, show_progress=cfg.show_progress, compile=compile_mode))
     return jobs
 
 

@@ -299,3 +299,13 @@ def test_two_process_distill_trains_on_disjoint_shards(digits_dir, crld_store, t
     assert record["train_samples"] == 2 * (1438 // 2 // 64) * 64
     assert record["train_images_per_s"] > 0 and 0.0 <= record["test_top1"] <= 100.0
     assert read_checkpoint(tmp_path / "ddp" / "last.pth")["epoch"] == 1
+
+
+def test_verify_bounds_follow_bf16_steps_of_each_rows_largest_logit():
+    from kdcache.precompute import verify_bounds
+
+    fresh = torch.tensor([[47.2, -3.0, 0.5], [0.8, -0.2, 0.1]])
+    # bf16: two steps of the largest |logit| (one step is 0.25 at 47.2, as measured on an H100), floor 5e-2.
+    assert torch.allclose(verify_bounds(fresh, "bf16", 0.01, None), torch.tensor([0.01 + 47.2 / 64, 0.06]))
+    assert torch.allclose(verify_bounds(fresh, "fp32", 0.0, None), torch.tensor([1e-3, 1e-3]))
+    assert torch.allclose(verify_bounds(fresh, "bf16", 0.0, 0.3), torch.tensor([0.3, 0.3]))  # an explicit --tolerance

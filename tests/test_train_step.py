@@ -217,3 +217,13 @@ def test_distill_warns_when_a_softened_loss_gets_a_top_k_store(digits_dir, teach
     monkeypatch.setattr("kdcache.errors._warned", set())  # a warning earlier in this process would hide it
     build_job(config(digits_dir, teacher_ckpt, store, tmp_path / "kd", "kd"))
     assert "softens the teacher (T=4)" in capsys.readouterr().err
+
+
+def test_compile_auto_is_off_on_the_cpu_and_modes_are_checked(digits_dir, teacher_ckpt, crld_store, tmp_path):
+    cfg = config(digits_dir, teacher_ckpt, crld_store, tmp_path)
+    assert cfg.compile == "auto" and build_job(cfg).compile == "off"  # "on" when the device is CUDA
+    cfg.compile = "cudagraphs"
+    assert build_job(cfg).compile == "cudagraphs"
+    cfg.compile = "fast"
+    with pytest.raises(KdcacheError, match="--compile must be auto or one of off, on, cudagraphs, got 'fast'"):
+        build_job(cfg)

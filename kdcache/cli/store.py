@@ -113,7 +113,7 @@ def verify_cmd(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="The teacher checkpoint the store was made with.")],
     data: Annotated[Path, typer.Option("--data", help="The dataset dir the store was made from.")] = default_data_dir("cifar100"),
     samples: Annotated[int, typer.Option("--samples", help="Random stored views to recompute (at most every stored view once).")] = 512,
-    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error (default: 1e-3 for slabs computed in fp32, 5e-2 in bf16).")] = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Allowed logit difference beyond the slab's recorded encoding error (default: 1e-3 for slabs computed in fp32; in bf16 two bf16 steps of the row's largest logit, at least 5e-2).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     trust_checkpoint: TrustCheckpointOpt = False,
