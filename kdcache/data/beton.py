@@ -82,9 +82,10 @@ def write_beton(path: Path, samples, *, jpeg: bool, num_workers: int, page_size:
 def write_raw_beton(path: Path, samples, page_size: int = PAGE_SIZE) -> None:
     """The file ffcv's DatasetWriter writes with one worker and RGBImageField(write_mode="raw"),
     byte for byte (tested), without ffcv: images are packed into whole pages in index order,
-    a new page begun when the next image would not fit."""
+    a new page begun when the next image would not fit. Each sample is read once."""
     n = len(samples)
-    first = samples[0][0] if n else None
+    sample_0 = samples[0] if n else None  # read once: reading a sample may count it (FileSamples' histogram)
+    first = sample_0[0] if n else None
     if first is None or first.ndim != 3 or first.shape[2] != 3:
         raise KdcacheError(f"{path.name}: raw betons need uint8 HWC RGB images and at least one sample")
     height, width = first.shape[:2]
@@ -109,7 +110,7 @@ def write_raw_beton(path: Path, samples, page_size: int = PAGE_SIZE) -> None:
         for start in range(0, n, per_page):
             page.fill(0)
             for k, i in enumerate(range(start, min(start + per_page, n))):
-                image, label, index = samples[i]
+                image, label, index = sample_0 if i == 0 else samples[i]
                 if image.shape != first.shape or image.dtype != np.uint8:
                     raise KdcacheError(f"{path.name}: sample {i} is {image.dtype} {image.shape}, not uint8 {first.shape}")
                 page[k * nbytes:(k + 1) * nbytes] = np.ascontiguousarray(image).reshape(-1)

@@ -147,8 +147,10 @@ def _write_files(tmp: Path, source: str, data: FileDataset, *, size: int | None,
         samples = FileSamples(splits[name], size=size, max_side=max_side, one_size=one_size, page_size=page,
                               jpeg=jpeg, histogram=need_stats and name == "train")
         path = tmp / f"{name}.beton"
-        write_beton(path, samples, jpeg=jpeg, num_workers=FILE_WORKERS, page_size=page, chunksize=FILE_CHUNK)
-        samples.raise_first_error()
+        try:
+            write_beton(path, samples, jpeg=jpeg, num_workers=FILE_WORKERS, page_size=page, chunksize=FILE_CHUNK)
+        finally:  # a file that failed says more than what the writer then made of its placeholder
+            samples.raise_first_error()
         beton = BetonFile(path)
         for stored in beton.stored_images(progress=f"fingerprint {name}"):
             digest.update(stored)
