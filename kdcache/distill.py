@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kdcache.data import DatasetMeta
-from kdcache.engine import COMPILE_MODES, TrainJob, fit_jobs
+from kdcache.engine import COMPILE_MODES, TrainJob, compiled, fit_jobs
 from kdcache.runtime import pick_device, prepare_model
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
@@ -113,7 +113,7 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
         # Images of their own sizes take the ImageNet policies of the loss's slots.
         policies = {v: f"imagenet_{v}" if meta.own_size and v in DEFAULT_VIEWS else v for v in views}
         replayer = ViewReplayer.from_policy_names(policies, cfg.recipe.seed, view_size(meta), meta.mean, meta.std)
-    teacher = _make_teacher(cfg, store, views, info, meta, device) if needs_teacher else None
+    teacher = _make_teacher(cfg, store, views, info, meta, device, compile_mode) if needs_teacher else None
     jobs = []
     for c, loss in zip(cfgs, losses):
         torch.manual_seed(c.recipe.seed)  # the student's initial weights, as when trained alone
@@ -127,7 +127,7 @@ def build_jobs(cfgs: list[DistillConfig]) -> list[TrainJob]:
 
 
 def _make_teacher(cfg: DistillConfig, store: LogitStore | None, views: tuple[str, ...], info: dict[str, Any],
-                  meta: DatasetMeta, device: torch.device):
+                  meta: DatasetMeta, device: torch.device, compile_mode: str):
     if cfg.teacher_mode == "cached":
         if not set(store.complete_slabs()) >= {(r, v) for r in range(info["store_rounds"]) for v in views}:
             raise KdcacheError(f"store {store.path} is incomplete; finish it with `kdcache precompute` (it resumes)")
@@ -137,7 +137,8 @@ def _make_teacher(cfg: DistillConfig, store: LogitStore | None, views: tuple[str
             raise KdcacheError("--teacher-mode online needs --teacher NAME and --ckpt PATH")
         model = load_teacher(cfg.teacher, cfg.ckpt, meta.num_classes, cfg.trust_checkpoint)
         info.update(teacher=cfg.teacher, ckpt=str(cfg.ckpt), teacher_sha256=file_sha256(cfg.ckpt))
-        return OnlineTeacher(prepare_model(model, device), rounds=info.get("store_rounds"))
+        # Compiled as the student's step is: the baseline the cache is measured against runs at its best.
+        return OnlineTeacher(compiled(prepare_model(model, device), compile_mode), rounds=info.get("store_rounds"))
     raise KdcacheError(f"--teacher-mode must be cached or online, got '{cfg.teacher_mode}'")
 
 

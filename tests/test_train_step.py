@@ -227,3 +227,13 @@ def test_compile_auto_is_off_on_the_cpu_and_modes_are_checked(digits_dir, teache
     cfg.compile = "fast"
     with pytest.raises(KdcacheError, match="--compile must be auto or one of off, on, cudagraphs, got 'fast'"):
         build_job(cfg)
+
+
+def test_an_online_teacher_is_compiled_with_the_step(digits_dir, teacher_ckpt, crld_store, tmp_path):
+    """The online baseline runs at its best: compiled whenever the student's step is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    cfg = config(digits_dir, teacher_ckpt, crld_store, tmp_path, mode="online")
+    assert not isinstance(build_job(cfg).teacher.model, OptimizedModule)  # auto on the CPU: off
+    cfg.compile = "on"
+    assert isinstance(build_job(cfg).teacher.model, OptimizedModule)
