@@ -33,7 +33,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pth.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="Loader backend: auto, memory or ffcv.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
-CompileOpt = Annotated[str, typer.Option("--compile", help="auto (on for CUDA, off elsewhere), off, on (torch.compile of views, student forward/backward and loss) or cudagraphs (on, with CUDA graphs). Same results; the first step pays the compile time, which the log states.")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="auto (on for CUDA, off elsewhere), off, on (torch.compile of views, student forward/backward and loss, online teacher) or cudagraphs (on, with CUDA graphs). Same results; the first step pays the compile time, which the log states.")]
 
 
 def _run_config(config: Path | None, out: Path | None, resume: bool, run_flags: dict[str, Any],
