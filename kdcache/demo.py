@@ -85,39 +85,53 @@ def train_or_reuse_teacher(plan: DemoPlan, data_dir: Path, workdir: Path, device
     return ckpt, float(read_checkpoint(ckpt)["test_top1"])
 
 
-def run_demo(plan: DemoPlan, workdir: Path, device: str | None = None, data_dir: Path | None = None,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; returns (and writes to workdir/<plan>/summary.json) the table's numbers."""
-    start = time.perf_counter()
+def demo_inputs(plan: DemoPlan, workdir: Path, device: str | None = None, data_dir: Path | None = None,
+                echo: Callable[[str], None] = print) -> tuple[Path, Path, float, Any]:
+    """(data dir, teacher checkpoint, teacher top-1, store) of a plan: each made once per workdir."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir is not None else prepare_demo_data(plan, workdir, echo)
     teacher_ckpt, teacher_top1 = train_or_reuse_teacher(plan, data_dir, workdir, device, echo)
-
     echo(f"[3/4] precomputing {plan.student_epochs} rounds x (weak, strong) of teacher logits")
-    store_path = workdir / f"store-{teacher_ckpt.parent.name}-{plan.student_epochs}r"
     store = precompute(PrecomputeConfig(teacher=plan.teacher, ckpt=teacher_ckpt, data_dir=data_dir,
                                         views={"weak": "weak", "strong": "strong"}, rounds=plan.student_epochs,
-                                        out=store_path, precision=plan.precision, device=device))
+                                        out=workdir / f"store-{teacher_ckpt.parent.name}-{plan.student_epochs}r",
+                                        precision=plan.precision, device=device))
+    return data_dir, teacher_ckpt, teacher_top1, store
+
+
+def train_student(plan: DemoPlan, student: tuple[str, str, str], seed: int, data_dir: Path, teacher_ckpt: Path,
+                  store_path: Path, runs_dir: Path, device: str | None = None) -> dict[str, Any]:
+    """Train one (run name, loss, teacher mode) of STUDENTS with one seed, from scratch."""
+    name, loss, mode = student
+    out = runs_dir / f"{name}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    recipe = make_recipe(plan.student, epochs=plan.student_epochs, batch_size=plan.batch_size, lr=plan.lr,
+                         precision=plan.precision, seed=seed)
+    history = distill(DistillConfig(student=plan.student, loss=loss, data_dir=data_dir, out=out, recipe=recipe,
+                                    store=store_path if mode != "none" else None,
+                                    teacher_mode=mode if mode != "none" else "cached",
+                                    teacher=plan.teacher, ckpt=teacher_ckpt, device=device))
+    return {"seed": seed, "test_top1": history[-1]["test_top1"], "best_top1": history[-1]["best_top1"],
+            "epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history), "run_dir": str(out)}
+
+
+def run_demo(plan: DemoPlan, workdir: Path, device: str | None = None, data_dir: Path | None = None,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo; returns (and writes to workdir/<plan>/summary.json) the table's numbers."""
+    start = time.perf_counter()
+    data_dir, teacher_ckpt, teacher_top1, store = demo_inputs(plan, workdir, device, data_dir, echo)
     store_info = store.info()
 
-    runs_dir = workdir / f"runs-{plan.name}"
+    runs_dir = Path(workdir) / f"runs-{plan.name}"
     rows = []
     for i, (name, loss, mode) in enumerate(STUDENTS, 1):
         runs = []
         for seed in range(plan.seeds):
             echo(f"[4/4] student {i}/{len(STUDENTS)}, seed {seed + 1}/{plan.seeds}: {plan.student} with {loss}"
                  + (f" ({mode} teacher)" if mode != "none" else " (no teacher)"))
-            out = runs_dir / f"{name}-s{seed}"
-            shutil.rmtree(out, ignore_errors=True)
-            recipe = make_recipe(plan.student, epochs=plan.student_epochs, batch_size=plan.batch_size, lr=plan.lr,
-                                 precision=plan.precision, seed=seed)
-            history = distill(DistillConfig(student=plan.student, loss=loss, data_dir=data_dir, out=out, recipe=recipe,
-                                            store=store_path if mode != "none" else None,
-                                            teacher_mode=mode if mode != "none" else "cached",
-                                            teacher=plan.teacher, ckpt=teacher_ckpt, device=device))
-            runs.append({"seed": seed, "test_top1": history[-1]["test_top1"], "best_top1": history[-1]["best_top1"],
-                         "epoch_time_s": sum(r["epoch_time_s"] for r in history) / len(history), "run_dir": str(out)})
+            runs.append(train_student(plan, (name, loss, mode), seed, data_dir, teacher_ckpt, store.path, runs_dir,
+                                      device))
         rows.append({"run": name, "loss": loss, "teacher": mode, **mean_std([r["test_top1"] for r in runs], "test_top1"),
                      "best_top1": statistics.fmean(r["best_top1"] for r in runs),
                      "epoch_time_s": statistics.fmean(r["epoch_time_s"] for r in runs), "seeds": runs})

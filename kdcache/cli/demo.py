@@ -26,9 +26,11 @@ def demo_cmd(
     cache (plus an online crld run and a CE baseline), each with several seeds, and print a
     comparison table ending in one line that tells gains from seed noise.
 
-    The default (about 17 minutes on 2 idle CPU cores, 9 when the teacher and store of an
-    earlier run are reused) trains a resnet20 teacher for 15 epochs on 8000 Fashion-MNIST
-    training images padded to 32x32, then resnet8 students for 4 epochs with 3 seeds each.
+    The default (about 17 minutes on 2 CPU cores, 9 when the teacher and store of an earlier
+    run are reused) trains a resnet20 teacher for 15 epochs on 8000 Fashion-MNIST training
+    images padded to 32x32, then resnet8 students for 4 epochs with 3 seeds each. There KD
+    gains about 1.2 points over CE, less than the seed spread: the last line usually says
+    that no loss beat CE beyond it.
 
     Example: kdcache demo --quick
     """
