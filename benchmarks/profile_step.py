@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench_gpu import TEACHER, jobs_for
-from kdcache.bench import BenchConfig, device_name, make_synthetic_dataset
+from kdcache.bench import BenchConfig, device_name, make_synthetic_dataset, take_batches
 from kdcache.data import make_loader
 from kdcache.engine import Trainee, compiled, replay_views, train_batch
 from kdcache.models import create_model, save_checkpoint
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                 job = jobs_for(work / "data", store.path, ckpt, device, "crld", "cached", batch_size, compile_mode)[0]
                 trainee, teacher, replayer = Trainee(job, DistContext()), job.teacher, job.replayer
                 loader = make_loader(work / "data", "train", batch_size, shuffle=True, device=device, drop_last=True)
-                batches = [tuple(t.clone() for t in batch) for batch in loader][:args.reps + 3]
+                batches = take_batches(loader, args.reps + 3)
                 images, labels, indices = batches[0]
                 rotation = itertools.cycle(batches)
                 round_ = teacher.begin_epoch(0)
@@ -118,8 +119,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{compile_mode:>4} b{batch_size:<4} " + "  ".join(f"{k} {v:6.2f} ms" for k, v in times.items())
                       + f"  GPU busy {busy:.0%}", flush=True)
                 teacher.close()
-    import json
-
     (args.out / "profile.json").write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=2) + "\n")
 
 

@@ -193,7 +193,7 @@ def time_steps(trainees: list[Trainee], loader, steps: int, warmup: int, replay=
     round_ = teacher.begin_epoch(0) if teacher is not None else 0
     for t in trainees:
         t.begin_epoch(0)
-    batches = _take(loader, warmup + steps)
+    batches = take_batches(loader, warmup + steps)
     device = trainees[0].job.device
     for batch in batches[:warmup]:
         train_batch(trainees, round_, *batch, 0, replay)
@@ -219,7 +219,7 @@ def count_step_syncs(trainee: Trainee, round_: int, batch) -> int:
     return census.sync_count
 
 
-def _take(loader, n: int) -> list:
+def take_batches(loader, n: int) -> list:
     """`n` batches, cycling over epochs if the split is short (kept in memory: timing excludes loading)."""
     batches, epoch = [], 0
     while len(batches) < n:
